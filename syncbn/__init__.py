@@ -1,0 +1,22 @@
+"""syncbn: synchronized batch normalization for PyTorch distributed training.
+
+One ``all_reduce`` of ``2C + 1`` values per layer forward and ``2C`` backward, on CPU (gloo) and
+CUDA (NCCL), with no device-to-host synchronization.
+"""
+
+from .batchnorm import SyncBatchNorm
+from .convert import BatchNormNd, convert_sync_batchnorm, revert_sync_batchnorm
+from .distributed import new_sync_group
+from .function import SyncBatchNormFunction, sync_batch_norm
+
+__all__ = [
+    "BatchNormNd",
+    "SyncBatchNorm",
+    "SyncBatchNormFunction",
+    "convert_sync_batchnorm",
+    "new_sync_group",
+    "revert_sync_batchnorm",
+    "sync_batch_norm",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""The SyncBatchNorm module: arguments, buffers and validation; when to synchronize, when not."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.distributed import ProcessGroup
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import distributed as sbdist
+from .function import sync_batch_norm
+
+__all__ = ["SyncBatchNorm"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization over the global batch of a process group, for any input rank >= 2.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training, the mean and (biased) variance are taken per channel over the batch *of every
+    rank in* ``process_group`` together: the result equals :class:`torch.nn.BatchNorm2d` (or 1d,
+    3d) applied to the concatenation of all ranks' inputs. One ``all_reduce`` of :math:`2C + 1`
+    values runs per forward and one of :math:`2C` values per backward, so the cost per layer does
+    not grow with the number of ranks, unlike :class:`torch.nn.SyncBatchNorm`'s ``all_gather``.
+    It runs on CPU (gloo) as well as CUDA (NCCL), and makes no device-to-host synchronization on
+    CUDA, so it can be captured in CUDA graphs.
+
+    It is a drop-in for :class:`torch.nn.BatchNorm2d` and :class:`torch.nn.SyncBatchNorm`: the same
+    arguments, parameters, buffers and ``state_dict`` keys, so checkpoints load either way.
+
+    In eval mode, when ``torch.distributed`` is not initialized, and when the group has a single
+    rank, it behaves exactly like ``nn.BatchNorm`` and communicates nothing.
+
+    Running statistics are updated from the *global* batch, with the unbiased global variance:
+    ``running = (1 - momentum) * running + momentum * observed``; ``momentum=None`` gives the
+    cumulative average over ``num_batches_tracked`` batches (computed on device, no sync). Every
+    rank ends up with the same running statistics.
+
+    Weight and bias gradients are each rank's local share, as for any parameter under
+    DistributedDataParallel, which averages them; they are not reduced here.
+
+    Args:
+        num_features: :math:`C` from an expected input of size :math:`(N, C, *)`.
+        eps: added to the variance for numerical stability. Default: ``1e-5``
+        momentum: weight of the new observation in the running statistics, or ``None`` for a
+            cumulative moving average. Default: ``0.1``
+        affine: learnable per-channel ``weight`` (:math:`\gamma`) and ``bias`` (:math:`\beta`).
+            Default: ``True``
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``
+            buffers and use them in eval mode; otherwise batch statistics are used in eval mode
+            too (locally, as in ``nn.SyncBatchNorm``). Default: ``True``
+        process_group: the ranks whose batches are normalized together (``None``: all ranks).
+            See :func:`syncbn.new_sync_group`. Default: ``None``
+
+    Shape:
+        - Input: :math:`(N, C, *)`, e.g. :math:`(N, C)`, :math:`(N, C, L)`, :math:`(N, C, H, W)`,
+          :math:`(N, C, D, H, W)`. :math:`N` may differ between ranks and may be 0 on some.
+        - Output: same shape, dtype and memory format as the input.
+
+    Examples::
+
+        >>> bn = syncbn.SyncBatchNorm(64)
+        >>> model = syncbn.convert_sync_batchnorm(torchvision_model)
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: ProcessGroup | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        _validate_arguments(num_features, eps, momentum)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__} expected input of at least 2 dimensions (N, C, *) "
+                f"(got {input.dim()}D input of shape {tuple(input.shape)})"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        if not self._synchronizes():
+            return super().forward(input)
+
+        factor = self._running_stats_factor()
+        output, mean, var, count = sync_batch_norm(
+            input, self.weight, self.bias, self.eps, self.process_group
+        )
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, count, factor)
+        return output
+
+    # ------------------------------------------------------------------ helpers
+
+    def _synchronizes(self) -> bool:
+        """Synchronize in training only, with torch.distributed up and >1 rank in the group."""
+        if not self.training or not sbdist.is_initialized():
+            return False
+        if not sbdist.is_group_member(self.process_group):
+            raise ValueError(
+                f"{type(self).__name__} expected this rank to be a member of its process_group "
+                f"(got rank {sbdist.get_rank()} and a group it does not belong to); pass the group "
+                f"this rank is in, e.g. the one syncbn.new_sync_group(k) returns"
+            )
+        return sbdist.get_world_size(self.process_group) > 1
+
+    def _check_input(self, input: Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name} expected a torch.Tensor (got {type(input).__name__})")
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name} expected input with {self.num_features} channels in dim 1 "
+                f"(got {input.shape[1]}, input shape {tuple(input.shape)})"
+            )
+        if not input.is_floating_point():
+            raise TypeError(
+                f"{name} expected a floating-point input (got {input.dtype}); convert it with "
+                f"input.float()"
+            )
+        reference = self.weight if self.weight is not None else self.running_mean
+        if reference is None or input.dtype == reference.dtype:
+            return
+        if input.dtype in _HALF_DTYPES and reference.dtype == torch.float32:
+            return  # mixed precision: half input, float32 parameters and statistics
+        raise TypeError(
+            f"{name} expected input of dtype {reference.dtype} like its parameters, or "
+            f"float16/bfloat16 with float32 parameters (got {input.dtype}); cast the input or "
+            f"call module.to({input.dtype})"
+        )
+
+    def _running_stats_factor(self) -> float | Tensor:
+        """Advance num_batches_tracked; return the running-average weight of this batch.
+
+        ``momentum=None`` returns ``1 / num_batches_tracked`` as a device tensor, where
+        ``nn.BatchNorm`` calls ``float()`` on it (a host sync on CUDA).
+        """
+        if not self.track_running_stats:
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / self.num_batches_tracked.double()
+        return self.momentum
+
+    @torch.no_grad()
+    def _update_running_stats(
+        self, mean: Tensor, var: Tensor, count: Tensor, factor: float | Tensor
+    ) -> None:
+        """running <- (1 - factor) * running + factor * observed, with the unbiased variance."""
+        unbiased_var = var * (count / (count - 1))
+        for buffer, observed in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            buffer.mul_(1 - factor).add_(observed.to(buffer.dtype) * factor)
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: ProcessGroup | None = None
+    ) -> torch.nn.Module:
+        """Same as :func:`syncbn.convert_sync_batchnorm`, spelled like ``nn.SyncBatchNorm``'s."""
+        from .convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
+
+def _validate_arguments(num_features, eps, momentum) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(
+            f"SyncBatchNorm expected num_features to be a positive integer (got {num_features!r})"
+        )
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"SyncBatchNorm expected eps >= 0 (got {eps!r})")
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+        raise ValueError(
+            f"SyncBatchNorm expected momentum in [0, 1] or None (got {momentum!r}); None gives "
+            f"a cumulative moving average"
+        )

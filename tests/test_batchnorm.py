@@ -1,0 +1,82 @@
+"""SyncBatchNorm on W gloo ranks equals nn.BatchNorm*d on the concatenated batch.
+
+Outputs, input gradients, the sum over ranks of weight/bias gradients and the running statistics
+(on every rank) are compared after each of several training steps, then in eval mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.scenarios import Case, run_reference, run_sync_bn
+
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-5, "atol": 2e-5},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 3e-2},
+    torch.float16: {"rtol": 2e-3, "atol": 3e-3},
+}
+
+
+def check_against_reference(results: list[dict], case: Case) -> None:
+    tol = TOLERANCES[case.dtype]
+    state_tol = TOLERANCES[case.param_dtype]
+    for group_id, members in enumerate(case.groups()):
+        ref = run_reference(case, group_id, members)
+        for step, ref_step in enumerate(ref["steps"]):
+            ranks = [results[r]["steps"][step] for r in members]
+            where = f"group {group_id}, step {step}"
+            assert_close(torch.cat([r["y"] for r in ranks]), ref_step["y"], **tol, msg=where)
+            assert_close(torch.cat([r["dx"] for r in ranks]), ref_step["dx"], **tol, msg=where)
+            assert all(r["channels_last"] for r in ranks), "output lost the input memory format"
+            if case.affine:
+                for key in ("dw", "db"):
+                    total = torch.stack([r[key] for r in ranks]).sum(0)
+                    assert_close(total, ref_step[key], **state_tol, msg=f"{key}, {where}")
+            for rank_step in ranks:
+                assert rank_step["state"].keys() == ref_step["state"].keys()
+                for key, value in ref_step["state"].items():
+                    assert_close(rank_step["state"][key], value, **state_tol, msg=f"{key}, {where}")
+        if case.track_running_stats:  # eval normalizes with the (global) running statistics
+            for r in members:
+                assert_close(results[r]["eval"], ref["eval"], **tol)
+
+
+BATCHES = (3, 2, 4, 1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("spatial", [(), (5,), (3, 4), (2, 3, 2)], ids=["1d-NC", "1d", "2d", "3d"])
+def test_matches_batchnorm_float64(run_ranks, world_size, spatial):
+    case = Case(batch_sizes=BATCHES[:world_size], spatial=spatial)
+    check_against_reference(run_ranks(run_sync_bn, world_size, case), case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(batch_sizes=(3, 5), dtype=torch.float32),
+        Case(batch_sizes=(3, 5), dtype=torch.bfloat16),
+        Case(batch_sizes=(3, 5), dtype=torch.float16),
+        Case(batch_sizes=(4, 0, 2)),  # an empty rank still takes part in every collective
+        Case(batch_sizes=(0, 3), dtype=torch.float32),
+        Case(batch_sizes=(1, 1), spatial=()),  # one value per rank, two globally
+        Case(batch_sizes=(2, 6, 1), momentum=None),
+        Case(batch_sizes=(2, 3), affine=False),
+        Case(batch_sizes=(2, 3), track_running_stats=False),
+        Case(batch_sizes=(2, 3), momentum=None, affine=False),
+        Case(batch_sizes=(2, 3), memory_format=torch.channels_last, dtype=torch.float32),
+        Case(batch_sizes=(2, 3), spatial=(2, 3, 2), memory_format=torch.channels_last_3d),
+        Case(batch_sizes=(2, 3, 1, 4), group_size=2),  # each pair equals BN on its own batch
+        Case(batch_sizes=(2, 0, 1, 4), group_size=2, momentum=None),
+    ],
+    ids=lambda c: (
+        f"W{len(c.batch_sizes)}-{c.batch_sizes}-{str(c.dtype)[6:]}-mom{c.momentum}"
+        f"-aff{int(c.affine)}-trs{int(c.track_running_stats)}-{str(c.memory_format)[6:]}"
+        f"-g{c.group_size}"
+    ),
+)
+def test_matches_batchnorm(run_ranks, case):
+    check_against_reference(run_ranks(run_sync_bn, len(case.batch_sizes), case), case)
