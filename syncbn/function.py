@@ -234,18 +234,24 @@ def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, group) -> tuple[torch.Ten
 
 
 def _input_grad(dy, x, weight, mean, invstd, total, sum_dy, sum_dy_xhat):
-    r"""dx = a * dy + b * x + c, the backward formula expanded into per-channel coefficients.
+    r"""dx = a * dy + b * (x - mean) + c, the backward formula in per-channel coefficients.
 
     With :math:`a = \gamma\,\mathrm{invstd}`, :math:`b = -a\,\mathrm{invstd}\,\overline{g\hat x}`
-    and :math:`c = -a\,\bar g - b\,\mu`: two fused passes (``addcmul``) over memory.
+    and :math:`c = -a\,\bar g`. The eval-mode batch_norm kernel computes ``b * (x - mean) + c``
+    in one fused pass (twice as fast as ``addcmul`` with a broadcast operand on CPU here), then
+    ``addcmul_`` adds ``a * dy``: two passes over memory in all.
     """
     if x.numel() == 0:
         return torch.zeros_like(x)
     n = total.to(mean.dtype)
     a = invstd if weight is None else weight.to(mean.dtype) * invstd
     b = -a * invstd * (sum_dy_xhat / n)
-    c = -a * (sum_dy / n) - b * mean
-    grad_input = torch.addcmul(_channel_view(c, x), x, _channel_view(b, x))
+    c = -a * (sum_dy / n)
+    work_dtype = mean.dtype
+    ones = torch.ones_like(mean)
+    grad_input = torch.batch_norm(
+        x.to(work_dtype), b, c, mean, ones, False, 0.0, 0.0, False
+    )  # (x - mean) / sqrt(1 + 0) * b + c
     grad_input.addcmul_(dy, _channel_view(a, x))
     return grad_input.to(x.dtype)
 

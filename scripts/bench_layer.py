@@ -1,0 +1,213 @@
+"""Per-layer forward+backward time of SyncBatchNorm against its floor and a naive SyncBN.
+
+Runs W ranks (gloo on CPU; NCCL when --device cuda and W GPUs exist) and times, side by side in one
+run, for each shape:
+
+- ``syncbn``: this package's SyncBatchNorm;
+- ``local_bn``: ``nn.BatchNorm2d`` with no communication;
+- ``all_reduce``: one all_reduce of 2C+1 floats, alone; the floor is ``local_bn + 2 x all_reduce``
+  (SyncBN can do no better than local BN plus its two collectives);
+- ``local_bn_2ar``: local BN that also issues two 2C+1 all_reduces where any SyncBN must (one
+  after the forward statistics, one in backward): the floor *in situ*. On gloo an all_reduce that
+  follows computation costs more than one right after a barrier (its threads must wake), so this
+  is the floor a real layer can reach;
+- ``naive``: SyncBN written the obvious way, autograd through a differentiable all_reduce of
+  ``[sum, sum of squares, count]``;
+- ``torch_syncbn``: ``torch.nn.SyncBatchNorm`` (CUDA only: it refuses CPU tensors).
+
+Each timing is the median over iterations of the slowest rank's time. Writes JSON and prints a
+table::
+
+    python scripts/bench_layer.py --out results/bench_layer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date, timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn  # differentiable all_reduce (naive SyncBN)
+import torch.multiprocessing as mp
+from torch import nn
+
+from syncbn import SyncBatchNorm
+
+SHAPES = [(16, 64, 32, 32), (8, 32, 8, 8)]
+
+
+class NaiveSyncBatchNorm(nn.BatchNorm2d):
+    """The textbook SyncBN: raw moments, a differentiable all_reduce, autograd for the rest."""
+
+    def forward(self, x):
+        dims = [0, 2, 3]
+        n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+        packed = torch.cat([x.sum(dims), (x * x).sum(dims), n])
+        packed = dist_fn.all_reduce(packed)
+        c = x.shape[1]
+        mean = packed[:c] / packed[-1]
+        var = packed[c : 2 * c] / packed[-1] - mean * mean
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (x - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+
+
+class LocalBatchNormWithCollectives(nn.BatchNorm2d):
+    """Local BN plus the two collectives of a SyncBN, issued where SyncBN issues them."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        buffer = torch.empty(2 * self.num_features + 1, device=x.device)
+        dist.all_reduce(buffer)
+        if y.requires_grad:
+            y.register_hook(lambda grad: (dist.all_reduce(buffer), grad)[1])
+        return y
+
+
+def _time(step, iters: int, warmup: int, device: torch.device) -> float:
+    """Median over iterations of the slowest rank's seconds for ``step()``."""
+    times = []
+    for i in range(warmup + iters):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(elapsed.item())
+    return statistics.median(times)
+
+
+def _layer_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    def step():
+        x.grad = None
+        layer(x).backward(dy)
+
+    return step
+
+
+def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=120),
+    )
+    torch.manual_seed(rank)
+    rows = []
+    for shape in SHAPES:
+        channels = shape[1]
+        x = torch.randn(shape, device=device, requires_grad=True)
+        dy = torch.randn(shape, device=device)
+        layers = {
+            "syncbn": SyncBatchNorm(channels, device=device),
+            "local_bn": nn.BatchNorm2d(channels, device=device),
+            "local_bn_2ar": LocalBatchNormWithCollectives(channels, device=device),
+            "naive": NaiveSyncBatchNorm(channels, device=device),
+        }
+        if device.type == "cuda":
+            layers["torch_syncbn"] = nn.SyncBatchNorm(channels, device=device)
+        row = {"shape": list(shape)}
+        for name, layer in layers.items():
+            row[name] = _time(_layer_step(layer, x, dy), args.iters, args.warmup, device)
+        buffer = torch.randn(2 * channels + 1, device=device)
+        row["all_reduce"] = _time(
+            lambda b=buffer: dist.all_reduce(b), args.iters, args.warmup, device
+        )
+        row["floor"] = row["local_bn"] + 2 * row["all_reduce"]
+        row["syncbn_over_floor"] = row["syncbn"] / row["floor"]
+        row["syncbn_over_naive"] = row["syncbn"] / row["naive"]
+        row["syncbn_over_floor_in_situ"] = row["syncbn"] / row["local_bn_2ar"]
+        if "torch_syncbn" in row:
+            row["syncbn_over_torch_syncbn"] = row["syncbn"] / row["torch_syncbn"]
+        rows.append(row)
+    if rank == 0:
+        queue.put(rows)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--out", default="results/bench_layer.json")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _bench_rank,
+            args=(args.world_size, os.path.join(tmp, "rdzv"), args, queue),
+            nprocs=args.world_size,
+            start_method="spawn",
+        )
+    rows = queue.get()
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    report = {
+        "date": date.today().isoformat(),
+        "device": args.device,
+        "device_name": device_name,
+        "cpu_count": os.cpu_count(),
+        "world_size": args.world_size,
+        "torch": torch.__version__,
+        "iters": args.iters,
+        "unit": "seconds per forward+backward, median of slowest rank",
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(report))
+
+
+def format_table(report: dict) -> str:
+    columns = ["syncbn", "local_bn", "all_reduce", "floor", "local_bn_2ar", "naive", "torch_syncbn"]
+    present = [c for c in columns if c in report["rows"][0]]
+    head = (
+        "| shape | "
+        + " | ".join(f"{c} (ms)" for c in present)
+        + " | syncbn/floor | syncbn/floor in situ | syncbn/naive |"
+    )
+    lines = [
+        f"{report['world_size']} ranks, {report['device']} ({report['device_name']}), "
+        f"torch {report['torch']}, {report['date']}",
+        head,
+        "|" + "---|" * (len(present) + 4),
+    ]
+    for row in report["rows"]:
+        cells = " | ".join(f"{row[c] * 1e3:.3f}" for c in present)
+        lines.append(
+            f"| {tuple(row['shape'])} | {cells} | {row['syncbn_over_floor']:.2f} "
+            f"| {row['syncbn_over_floor_in_situ']:.2f} | {row['syncbn_over_naive']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
