@@ -1,0 +1,59 @@
+"""Reject bad configuration before any work starts, naming the key and the valid choices."""
+
+from __future__ import annotations
+
+import os
+
+from .data import DATASETS
+from .models import NORMS
+from .wandb_logger import MODES
+
+
+def validate(cfg) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    checks = [
+        (cfg.norm.name in NORMS, f"norm expected one of {NORMS} (got {cfg.norm.name!r})"),
+        (cfg.data.name in DATASETS, f"data expected one of {DATASETS} (got {cfg.data.name!r})"),
+        (
+            cfg.logger.mode in MODES,
+            f"logger.mode expected one of {MODES} (got {cfg.logger.mode!r})",
+        ),
+        (
+            _positive(cfg.trainer.batch_size),
+            f"trainer.batch_size expected > 0 (got {cfg.trainer.batch_size!r})",
+        ),
+        (
+            _positive(cfg.trainer.epochs) or _positive(cfg.trainer.max_steps),
+            f"trainer.epochs or trainer.max_steps expected > 0 "
+            f"(got {cfg.trainer.epochs}, {cfg.trainer.max_steps})",
+        ),
+        (
+            _positive(cfg.trainer.eval_every),
+            f"trainer.eval_every expected > 0 (got {cfg.trainer.eval_every})",
+        ),
+        (
+            _positive(cfg.trainer.ckpt_every),
+            f"trainer.ckpt_every expected > 0 (got {cfg.trainer.ckpt_every})",
+        ),
+        (cfg.optim.lr > 0, f"optim.lr expected > 0 (got {cfg.optim.lr})"),
+    ]
+    group_size = cfg.norm.group_size
+    if group_size is not None:
+        checks.append(
+            (
+                _positive(group_size) and world_size % group_size == 0,
+                f"norm.group_size expected a divisor of the world size {world_size} "
+                f"(got {group_size}); choose one of {_divisors(world_size)} or null",
+            )
+        )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
