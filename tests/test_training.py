@@ -1,0 +1,199 @@
+"""train.py end to end (real torchrun launches), plus its config, data and checkpoint pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from syncbn.training import checkpoint, data
+from syncbn.training.config_checks import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.progress=false", "logger.mode=disabled"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    env.pop("WANDB_MODE", None)  # the config's logger.mode decides
+    return env
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 180) -> dict:
+    """Run train.py (under torchrun when nproc > 1) and return its metrics.json."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *overrides]
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+EQUIVALENCE = ["trainer.augment=false", "trainer.max_steps=24", "seed=3"]
+
+
+@pytest.mark.slow
+def test_syncbn_on_2_ranks_follows_bn_on_the_global_batch(tmp_path):
+    """2 ranks x 8 with SyncBN take the very steps of 1 process x 16 with BN; 2 x 8 BN do not."""
+    reference = train(tmp_path / "bn16", *EQUIVALENCE, "norm=bn", "trainer.batch_size=16")
+    synced = train(
+        tmp_path / "sync2x8", *EQUIVALENCE, "norm=syncbn", "trainer.batch_size=8", nproc=2
+    )
+    local = train(tmp_path / "bn2x8", *EQUIVALENCE, "norm=bn", "trainer.batch_size=8", nproc=2)
+
+    ref = np.array(reference["train_loss_history"])
+    assert len(ref) == 24 and synced["steps"] == 24 and synced["world_size"] == 2
+    np.testing.assert_allclose(synced["train_loss_history"], ref, rtol=0, atol=1e-4)
+    assert np.max(np.abs(np.array(local["train_loss_history"]) - ref)) > 1e-2
+    for metrics in (reference, synced, local):  # exact validation: every sample once
+        assert metrics["val_count"] == 359
+    assert abs(synced["val_acc"] - reference["val_acc"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_default_job_learns_digits_and_logs_offline_to_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = train(
+        run_dir, "trainer.epochs=6", "logger.mode=offline", "trainer.log_every=1", nproc=2
+    )
+    assert metrics["val_acc"] >= 0.95
+    assert metrics["samples_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert len(metrics["train_loss_history"]) == metrics["steps"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    (records,) = offline.glob("run-*.wandb")
+    content = records.read_bytes()
+    for name in (b"train/loss", b"train/lr", b"val/acc", b"val/loss", b"final/val_acc"):
+        assert name in content, f"{name!r} not logged to the offline W&B run"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    args = ["trainer.epochs=5", "trainer.augment=true", "trainer.batch_size=64"]
+    uninterrupted = train(tmp_path / "whole", *args)
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *args]
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    epochs_done = checkpoint.load(last)["epoch"]
+    assert 1 <= epochs_done < 5
+
+    resumed = train(run_dir, *args)  # trainer.resume=auto is the default
+    assert resumed["train_loss_history"] == uninterrupted["train_loss_history"]
+    assert resumed["val_acc"] == uninterrupted["val_acc"]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["run_dir=unused", *overrides])
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose_config()
+    assert (cfg.norm.name, cfg.data.name, cfg.logger.mode) == ("syncbn", "digits", "offline")
+    validate(cfg)
+    assert compose_config("norm=bn", "optim=adamw", "data=synthetic").optim.name == "adamw"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.batch_size=0"], r"trainer.batch_size expected > 0 \(got 0\)"),
+        (["norm.name=groupnorm"], r"norm expected one of \('syncbn', 'bn', 'none'\)"),
+        (["logger.mode=cloud"], r"logger.mode expected one of"),
+        (["norm.group_size=3"], r"norm.group_size expected a divisor of the world size 2"),
+        (["trainer.epochs=0"], r"trainer.epochs or trainer.max_steps expected > 0"),
+    ],
+)
+def test_bad_configuration_is_rejected_before_work(monkeypatch, overrides, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=message):
+        validate(compose_config(*overrides))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _write_cifar_batch(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    batch = {
+        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        b"labels": rng.integers(0, 10, size=n).tolist(),
+    }
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+
+
+def test_cifar10_reads_the_python_pickle_format(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in (1, 2):
+        _write_cifar_batch(folder / f"data_batch_{i}", 6, i)
+    _write_cifar_batch(folder / "test_batch", 4, 9)
+    splits = data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
+    assert len(splits.train) == 12 and len(splits.val) == 4
+    x, y = splits.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= int(y) < 10
+    assert (splits.in_channels, splits.num_classes) == (3, 10)
+
+
+def test_cifar10_missing_directory_says_what_to_do(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"cifar-10-batches-py/data_batch_1 \(got data.root="
+    ):
+        data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
+
+
+def test_validation_shards_cover_every_sample_once():
+    shards = [list(data.ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    checkpoint.save(
+        {"model": {"w": torch.ones(2)}, "optimizer": {}, "epoch": 1, "step": 5}, tmp_path
+    )
+    with pytest.raises(Exception):  # noqa: B017 - any pickling error mid-write
+        checkpoint.save({"model": {"w": torch.zeros(2)}, "bad": lambda: None}, tmp_path)
+    state = checkpoint.load(tmp_path / checkpoint.LAST)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LAST]  # no temp file left behind
+
+
+def test_corrupted_or_foreign_checkpoint_gets_a_clear_error(tmp_path):
+    corrupted = tmp_path / "corrupted.pt"
+    corrupted.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupted or not a syncbn training checkpoint"):
+        checkpoint.load(corrupted)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(RuntimeError, match="missing \\['epoch', 'model', 'optimizer', 'step'\\]"):
+        checkpoint.load(foreign)
