@@ -81,7 +81,7 @@ def new_sync_group(group_size: int) -> ProcessGroup | None:
     if world_size % group_size != 0:
         raise ValueError(
             f"new_sync_group expected group_size to divide the world size {world_size} "
-            f"(got {group_size}); choose one of {_divisors(world_size)}"
+            f"(got {group_size}); choose one of {divisors(world_size)}"
         )
     if group_size == world_size:
         return None
@@ -111,5 +111,6 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Te
     return tensor
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The valid group sizes for a world of ``n`` ranks."""
     return [d for d in range(1, n + 1) if n % d == 0]

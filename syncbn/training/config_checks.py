@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..distributed import divisors
 from .data import DATASETS
 from .models import NORMS
 from .wandb_logger import MODES
@@ -43,16 +44,12 @@ def validate(cfg) -> None:
             (
                 _positive(group_size) and world_size % group_size == 0,
                 f"norm.group_size expected a divisor of the world size {world_size} "
-                f"(got {group_size}); choose one of {_divisors(world_size)} or null",
+                f"(got {group_size}); choose one of {divisors(world_size)} or null",
             )
         )
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _positive(value) -> bool:
