@@ -120,6 +120,9 @@ def _worker_main(conn, rank: int) -> None:
             try:
                 reply = ("ok", fn(*args, **kwargs))
             finally:
+                # Nobody tears down its gloo pairs while a slower rank is still connecting: a
+                # rank whose fn fails at once would otherwise break a peer's init_process_group.
+                dist.barrier()
                 dist.destroy_process_group()
         except BaseException:  # noqa: BLE001 - every failure goes back to the test
             reply = ("error", traceback.format_exc())
