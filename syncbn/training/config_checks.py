@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 from ..distributed import divisors
 from .data import DATASETS
+from .env import world_size_from_env
 from .models import NORMS
 from .wandb_logger import MODES
 
 
 def validate(cfg) -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     checks = [
         (cfg.norm.name in NORMS, f"norm expected one of {NORMS} (got {cfg.norm.name!r})"),
         (cfg.data.name in DATASETS, f"data expected one of {DATASETS} (got {cfg.data.name!r})"),

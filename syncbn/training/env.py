@@ -34,13 +34,18 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def world_size_from_env() -> int:
+    """The world size the launcher (torchrun, else SLURM) announces; 1 when there is none."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
 def setup(backend: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     """Join the process group torchrun (or srun) describes, or run single-process.
 
     ``backend="auto"`` picks NCCL with one GPU per local rank when CUDA is present, gloo otherwise.
     The timeout bounds every collective, so a dead peer ends the run instead of hanging it.
     """
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world_size = world_size_from_env()
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
