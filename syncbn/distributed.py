@@ -106,7 +106,10 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Te
     if torch.compiler.is_compiling():
         from torch.distributed import _functional_collectives as funcol
 
-        return funcol.all_reduce(tensor, "sum", group if group is not None else dist.group.WORLD)
+        reduced = funcol.all_reduce(tensor, "sum", group if group is not None else dist.group.WORLD)
+        # An explicit wait: it is side-effectful, so the graph keeps the collective even where
+        # its result is unused (an empty rank's backward), and every rank issues the same ones.
+        return funcol.wait_tensor(reduced)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 

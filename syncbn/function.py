@@ -123,7 +123,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     dy, x, None, None, None, mean, invstd, True, ctx.eps, [False, True, True]
                 )
             else:
-                sum_dy = sum_dy_xhat = mean.new_zeros(mean.shape)
+                sum_dy, sum_dy_xhat = _empty_sums(dy, mean.dtype)
 
             grad_input = None
             if need_input:
@@ -149,6 +149,20 @@ def sync_batch_norm(
 
 
 # --------------------------------------------------------------------------- forward helpers
+
+
+def _empty_result(x: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
+    """An empty rank's (empty) output or input gradient, made *from* a reduced statistic.
+
+    Numerically it is just ``empty_like(x)``; the data dependence matters under torch.compile.
+    AOTAutograd computes each collective as soon as its inputs exist, so if an empty rank's
+    results were created from nothing, the *previous* layer's backward collective would be fed
+    by constants and move into the forward graph of that rank only: the ranks' collectives would
+    no longer pair up (a gloo size mismatch, or a hang). An expanded view of a (C,) statistic is
+    a dependence no compiler pass folds away (``stat * 0`` is folded to a constant).
+    """
+    return _channel_view(reduced.to(x.dtype), x).expand(x.shape).clone()
+
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -185,10 +199,12 @@ def _local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     num_channels = x.shape[1]
     n = x.numel() // num_channels if num_channels else 0
     count = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    if n == 0:
-        zeros = torch.zeros(num_channels, dtype=torch.float64, device=x.device)
-        return count, zeros, zeros
     reduce_dims = [0] + list(range(2, x.dim()))
+    if n == 0:
+        # Zeros computed *from* x, not created from nothing: under torch.compile a collective
+        # whose input is a constant may be moved or folded, and ranks would then disagree.
+        zeros = x.sum(reduce_dims, dtype=torch.float64)
+        return count, zeros, zeros
     if x.is_cuda:
         mean, invstd = torch.batch_norm_stats(x, 0.0)
         var = torch.reciprocal(invstd * invstd)  # invstd = inf for a constant channel -> var 0
@@ -212,7 +228,7 @@ def _check_more_than_one_value(total: torch.Tensor, x: torch.Tensor) -> None:
 def _normalize(x, weight, bias, mean, var, invstd, eps):
     """y = (x - mean) * invstd * weight + bias with global statistics, in x's dtype and layout."""
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return _empty_result(x, invstd)
     if x.is_cuda:
         return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
     # The eval-mode CPU kernel is exactly a fused per-channel affine with given mean and var.
@@ -233,6 +249,18 @@ def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, group) -> tuple[torch.Ten
     return packed.split([a.numel(), b.numel()])
 
 
+def _empty_sums(dy: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty rank's (sum dy, sum dy * x_hat): zeros, but computed from ``dy``.
+
+    The dependence on the upstream gradient keeps a compiled graph's backward collective in the
+    backward pass: zeros made from nothing let the partitioner move it into the forward graph of
+    this rank only, and the ranks' collectives would no longer pair up.
+    """
+    reduce_dims = [0] + list(range(2, dy.dim()))
+    sum_dy = dy.sum(reduce_dims, dtype=dtype)
+    return sum_dy, sum_dy.clone()
+
+
 def _input_grad(dy, x, weight, mean, invstd, total, sum_dy, sum_dy_xhat):
     r"""dx = a * dy + b * (x - mean) + c, the backward formula in per-channel coefficients.
 
@@ -242,7 +270,7 @@ def _input_grad(dy, x, weight, mean, invstd, total, sum_dy, sum_dy_xhat):
     ``addcmul_`` adds ``a * dy``: two passes over memory in all.
     """
     if x.numel() == 0:
-        return torch.zeros_like(x)
+        return _empty_result(x, sum_dy)
     n = total.to(mean.dtype)
     a = invstd if weight is None else weight.to(mean.dtype) * invstd
     b = -a * invstd * (sum_dy_xhat / n)

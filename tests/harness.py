@@ -66,7 +66,15 @@ class WorkerPool:
                     f"rank {rank} of {world_size} gave no result within {timeout + 15:.0f}s "
                     f"(alive={process.is_alive()}): a collective probably hung"
                 )
-            status, payload = pickle.loads(conn.recv_bytes())
+            try:
+                status, payload = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the worker process died (a C++ abort, a signal)
+                process.join(timeout=5)
+                self.close()
+                raise RankFailed(
+                    f"rank {rank} of {world_size} died with exit code {process.exitcode} "
+                    f"before answering (its stderr above says why)"
+                ) from None
             if status == "error":
                 failures.append(f"--- rank {rank} ---\n{payload}")
             results.append(payload)
