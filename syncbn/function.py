@@ -164,7 +164,6 @@ def _empty_result(x: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
     return _channel_view(reduced.to(x.dtype), x).expand(x.shape).clone()
 
 
-
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     """Statistics accumulate in float32, or float64 for float64 input (never in half precision)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -98,9 +98,7 @@ def _compile_scenarios() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled_records(worker_pool, tmp_path_factory):
-    return worker_pool.run(
-        _compile_scenarios, 2, tmp_path_factory.mktemp("compile"), timeout=400
-    )
+    return worker_pool.run(_compile_scenarios, 2, tmp_path_factory.mktemp("compile"), timeout=400)
 
 
 @pytest.mark.parametrize("scenario", ["cnn", "mlp_with_empty_rank"])
