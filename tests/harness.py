@@ -42,19 +42,21 @@ class WorkerPool:
         rendezvous_dir: Path,
         *args: Any,
         timeout: float = DEFAULT_TIMEOUT_S,
+        backend: str = "gloo",
         **kwargs: Any,
     ) -> list[Any]:
         """Call ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the results by rank.
 
         ``fn`` must be importable (a module-level function); inside it ``torch.distributed`` is
-        initialized with the gloo backend and ``dist.get_rank()`` tells the rank.
+        initialized with ``backend`` (gloo; nccl puts rank r on GPU r) and ``dist.get_rank()``
+        tells the rank.
         """
         if not 1 <= world_size <= self.size:
             raise ValueError(f"world_size must be in [1, {self.size}] (got {world_size})")
         self._start()
         self._task += 1
         init_file = Path(rendezvous_dir) / f"rendezvous-{os.getpid()}-{self._task}"
-        task = pickle.dumps((fn, args, kwargs, world_size, str(init_file), timeout))
+        task = pickle.dumps((fn, args, kwargs, world_size, str(init_file), timeout, backend))
         for _, conn in self._workers[:world_size]:
             conn.send_bytes(task)
         deadline = time.monotonic() + timeout + 15.0
@@ -116,10 +118,12 @@ def _worker_main(conn, rank: int) -> None:
         message = pickle.loads(conn.recv_bytes())
         if message is None:
             return
-        fn, args, kwargs, world_size, init_file, timeout = message
+        fn, args, kwargs, world_size, init_file, timeout, backend = message
         try:
+            if backend == "nccl":
+                torch.cuda.set_device(rank)
             dist.init_process_group(
-                "gloo",
+                backend,
                 init_method=f"file://{init_file}",
                 rank=rank,
                 world_size=world_size,

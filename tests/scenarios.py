@@ -29,6 +29,7 @@ class Case:
     group_size: int | None = None  # None: the whole world is one group
     channels: int = 3
     steps: int = 3
+    device: str = "cpu"  # "cuda": rank r runs on GPU r (an NCCL group)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -81,21 +82,23 @@ def run_sync_bn(case: Case) -> dict:
     start = sum(sizes[: members.index(rank)])
     stop = start + case.batch_sizes[rank]
 
+    device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
     bn = syncbn.SyncBatchNorm(
         case.channels,
         momentum=case.momentum,
         affine=case.affine,
         track_running_stats=case.track_running_stats,
         process_group=group,
+        device=device,
         dtype=case.param_dtype,
     )
     _init_params(bn, case)
     record = {"steps": []}
     for step in range(case.steps):
         x_all, dy_all = global_batch(case, step, group_id, sum(sizes))
-        x = _layout(x_all[start:stop], case).requires_grad_()
+        x = _layout(x_all[start:stop].to(device), case).requires_grad_()
         y = bn(x)
-        y.backward(_layout(dy_all[start:stop], case))
+        y.backward(_layout(dy_all[start:stop].to(device), case))
         step_record = {
             "y": y.detach(),
             "dx": x.grad,
@@ -111,8 +114,19 @@ def run_sync_bn(case: Case) -> dict:
         step_record["state"] = _state(bn)
         record["steps"].append(step_record)
     bn.eval()
-    record["eval"] = bn(_layout(eval_batch(case), case)).detach()
-    return record
+    record["eval"] = bn(_layout(eval_batch(case).to(device), case)).detach()
+    return to_cpu(record)
+
+
+def to_cpu(value):
+    """Records travel back to the test process as CPU tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    return value
 
 
 def reference_class(num_dims: int) -> type[nn.Module]:
