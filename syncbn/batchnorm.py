@@ -8,6 +8,7 @@ from torch.distributed import ProcessGroup
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
+from .debug import env_flag
 from .function import sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
@@ -56,6 +57,16 @@ class SyncBatchNorm(_BatchNorm):
             too (locally, as in ``nn.SyncBatchNorm``). Default: ``True``
         process_group: the ranks whose batches are normalized together (``None``: all ranks).
             See :func:`syncbn.new_sync_group`. Default: ``None``
+        debug: before each collective, check that every rank of the group is in the same layer
+            with the same channel count and dtype, and raise naming each rank's position if not
+            (one extra small collective each; :mod:`syncbn.debug`). ``None``: on when the
+            environment sets ``SYNCBN_DEBUG=1``. Default: ``None``
+        check_finite: raise naming the layer when the global batch statistics hold NaN or Inf
+            (a host sync per forward on CUDA). ``None``: on when ``SYNCBN_CHECK_FINITE=1``.
+            Default: ``None``
+
+    The layer calls itself by :attr:`layer_name` in errors: its path in the model when made by
+    :func:`syncbn.convert_sync_batchnorm`, else ``SyncBatchNorm#k`` (the k-th one built).
 
     Shape:
         - Input: :math:`(N, C, *)`, e.g. :math:`(N, C)`, :math:`(N, C, L)`, :math:`(N, C, H, W)`,
@@ -79,12 +90,23 @@ class SyncBatchNorm(_BatchNorm):
         process_group: ProcessGroup | None = None,
         device=None,
         dtype=None,
+        *,
+        debug: bool | None = None,
+        check_finite: bool | None = None,
     ) -> None:
         _validate_arguments(num_features, eps, momentum)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
+        self.debug = env_flag("SYNCBN_DEBUG") if debug is None else bool(debug)
+        self.check_finite = (
+            env_flag("SYNCBN_CHECK_FINITE") if check_finite is None else check_finite
+        )
+        SyncBatchNorm._built += 1
+        self.layer_name = f"SyncBatchNorm#{SyncBatchNorm._built}"
+
+    _built = 0  # layers built in this process, for default names
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -100,7 +122,14 @@ class SyncBatchNorm(_BatchNorm):
 
         factor = self._running_stats_factor()
         output, mean, var, count = sync_batch_norm(
-            input, self.weight, self.bias, self.eps, self.process_group
+            input,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.process_group,
+            self.layer_name,
+            self.debug,
+            self.check_finite,
         )
         if self.track_running_stats:
             self._update_running_stats(mean, var, count, factor)

@@ -43,10 +43,18 @@ def convert_sync_batchnorm(
 
         >>> model = convert_sync_batchnorm(model, process_group=new_sync_group(8))
     """
+    converted = _convert(module, process_group)
+    for name, layer in converted.named_modules():
+        if isinstance(layer, SyncBatchNorm):
+            layer.layer_name = name or type(layer).__name__  # its path, for error messages
+    return converted
+
+
+def _convert(module: nn.Module, process_group: ProcessGroup | None) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         return _swap(module, SyncBatchNorm, process_group=process_group)
     for name, child in module.named_children():
-        converted = convert_sync_batchnorm(child, process_group)
+        converted = _convert(child, process_group)
         if converted is not child:
             module.add_module(name, converted)
     return module

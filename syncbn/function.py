@@ -49,6 +49,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
+from . import debug as sbdebug
 from .distributed import all_reduce_sum
 
 __all__ = ["SyncBatchNormFunction", "sync_batch_norm"]
@@ -62,9 +63,11 @@ _ONE_VALUE_MESSAGE = (
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalization over the global batch of ``group`` (the math: module docstring).
 
-    ``forward(input, weight, bias, eps, group)`` returns ``(output, mean, var, count)``: the output
-    and the global per-channel mean, *biased* variance and element count (float64, 0-dim). The
-    statistics are not differentiable; the caller uses them to update running buffers.
+    ``forward(input, weight, bias, eps, group, layer_name, debug, check_finite)`` returns
+    ``(output, mean, var, count)``: the output and the global per-channel mean, *biased* variance
+    and element count (float64, 0-dim). The statistics are not differentiable; the caller uses
+    them to update running buffers. ``layer_name`` names the layer in errors; ``debug`` and
+    ``check_finite`` switch on the checks of :mod:`syncbn.debug`.
     """
 
     @staticmethod
@@ -75,6 +78,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         eps: float,
         group: ProcessGroup | None,
+        layer_name: str = "SyncBatchNorm",
+        debug: bool = False,
+        check_finite: bool = False,
     ):
         with torch.autocast(device_type=input.device.type, enabled=False):
             x = _contiguous(input) if input.is_cuda else input
@@ -83,7 +89,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # Local centred moments, then one all-reduce of (C,), (C,), (1,) -> (2C+1,) in float64.
             count, mean, m2 = _local_moments(x)
             packed = torch.cat([mean * count, m2 + count * mean * mean, count.view(1)])
-            packed = all_reduce_sum(packed, group)
+            if debug and not torch.compiler.is_compiling():
+                sbdebug.check_same_call(
+                    layer_name, num_channels, x.dtype, "forward", group, x.device
+                )
+            packed = _reduce(packed, group, layer_name, "forward")
             sum_x, sum_x2, total = packed.split([num_channels, num_channels, 1])
             total = total.view(())
             _check_more_than_one_value(total, x)
@@ -92,12 +102,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
             var64 = (sum_x2 / total - mean64 * mean64).clamp_min_(0.0)
             stat_dtype = _stat_dtype(x)
             mean, var = mean64.to(stat_dtype), var64.to(stat_dtype)
+            if check_finite and not torch.compiler.is_compiling():
+                sbdebug.check_finite_statistics(layer_name, mean64, var64, x)
             invstd = torch.rsqrt(var + eps)
 
             output = _normalize(x, weight, bias, mean, var, invstd, eps)
 
         ctx.eps = eps
         ctx.group = group
+        ctx.layer_name = layer_name
+        ctx.debug = debug
         ctx.save_for_backward(x, weight, mean, invstd, total)
         ctx.mark_non_differentiable(mean, var, total)
         return output, mean, var, total
@@ -128,13 +142,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_input = None
             if need_input:
                 # (C,), (C,) -> (2C,): the only collective of the backward pass.
-                sum_dy_g, sum_dy_xhat_g = _all_reduce_pair(sum_dy, sum_dy_xhat, ctx.group)
+                sum_dy_g, sum_dy_xhat_g = _all_reduce_pair(sum_dy, sum_dy_xhat, ctx)
                 grad_input = _input_grad(
                     dy, x, weight, mean, invstd, total, sum_dy_g, sum_dy_xhat_g
                 )
             grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
             grad_bias = sum_dy.to(weight.dtype) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def sync_batch_norm(
@@ -143,9 +157,30 @@ def sync_batch_norm(
     bias: torch.Tensor | None,
     eps: float,
     group: ProcessGroup | None,
+    layer_name: str = "SyncBatchNorm",
+    debug: bool = False,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional form of :class:`SyncBatchNormFunction`: ``(output, mean, biased var, count)``."""
-    return SyncBatchNormFunction.apply(input, weight, bias, eps, group)
+    return SyncBatchNormFunction.apply(
+        input, weight, bias, eps, group, layer_name, debug, check_finite
+    )
+
+
+def _reduce(packed: torch.Tensor, group, layer_name: str, phase: str) -> torch.Tensor:
+    """all_reduce_sum, with a failure (a peer died, the group timed out) naming the layer."""
+    if torch.compiler.is_compiling():
+        return all_reduce_sum(packed, group)
+    try:
+        return all_reduce_sum(packed, group)
+    except RuntimeError as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RuntimeError(
+            f"SyncBatchNorm layer {layer_name!r}: the {phase} all_reduce of {packed.numel()} "
+            f"values failed ({cause}). A peer rank probably crashed or timed out, or the ranks "
+            f"ran SyncBN layers a different number of times; rerun with SYNCBN_DEBUG=1 to find "
+            f"the first divergent layer"
+        ) from error
 
 
 # --------------------------------------------------------------------------- forward helpers
@@ -242,9 +277,11 @@ def _normalize(x, weight, bias, mean, var, invstd, eps):
 # --------------------------------------------------------------------------- backward helpers
 
 
-def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum two (C,) tensors over the group with a single collective."""
-    packed = all_reduce_sum(torch.cat([a, b]), group)
+    if ctx.debug and not torch.compiler.is_compiling():
+        sbdebug.check_same_call(ctx.layer_name, a.numel(), a.dtype, "backward", ctx.group, a.device)
+    packed = _reduce(torch.cat([a, b]), ctx.group, ctx.layer_name, "backward")
     return packed.split([a.numel(), b.numel()])
 
 
@@ -291,10 +328,10 @@ def _backward_cuda(ctx, dy, x, weight, mean, invstd, total):
     )
     grad_input = None
     if need_input:
-        sum_dy, sum_dy_xmu = _all_reduce_pair(sum_dy, sum_dy_xmu, ctx.group)
+        sum_dy, sum_dy_xmu = _all_reduce_pair(sum_dy, sum_dy_xmu, ctx)
         # The kernel divides by count.sum(); an int32 (1,) tensor on device keeps it sync-free.
         count = total.to(torch.int32).view(1)
         grad_input = torch.batch_norm_backward_elemt(
             dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count
         )
-    return grad_input, grad_weight, grad_bias, None, None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None

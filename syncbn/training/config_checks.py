@@ -32,6 +32,10 @@ def validate(cfg) -> None:
             f"trainer.eval_every expected > 0 (got {cfg.trainer.eval_every})",
         ),
         (
+            cfg.trainer.eval_every_steps is None or _positive(cfg.trainer.eval_every_steps),
+            f"trainer.eval_every_steps expected > 0 or null (got {cfg.trainer.eval_every_steps})",
+        ),
+        (
             _positive(cfg.trainer.ckpt_every),
             f"trainer.ckpt_every expected > 0 (got {cfg.trainer.ckpt_every})",
         ),

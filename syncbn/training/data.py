@@ -117,9 +117,13 @@ def loaders(splits: Splits, batch_size: int, rank: int, world_size: int, seed: i
         splits.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
     )
     train = DataLoader(splits.train, batch_size=batch_size, sampler=train_sampler, drop_last=True)
-    val_sampler = ShardSampler(len(splits.val), rank, world_size)
-    val = DataLoader(splits.val, batch_size=max(batch_size, 256), sampler=val_sampler)
-    return train, val
+    return train, eval_loader(splits.val, batch_size, rank, world_size)
+
+
+def eval_loader(dataset, batch_size: int, rank: int, world_size: int) -> DataLoader:
+    """Every sample of ``dataset`` exactly once across the ranks (no padding), in order."""
+    sampler = ShardSampler(len(dataset), rank, world_size)
+    return DataLoader(dataset, batch_size=max(batch_size, 256), sampler=sampler)
 
 
 def augment(x: torch.Tensor, max_shift: int, flip: bool) -> torch.Tensor:

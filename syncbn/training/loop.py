@@ -69,7 +69,13 @@ def _train(cfg, env: DistEnv) -> dict:
     amp = bool(cfg.trainer.amp) and env.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    state = {"epoch": 0, "step": 0, "train_loss_history": [], "train_time_s": 0.0}
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "train_loss_history": [],
+        "val_history": [],  # {"step", "loss", "acc"} at every evaluation
+        "train_time_s": 0.0,
+    }
     resume_from = checkpoint.resolve(cfg.trainer.resume, run_dir)
     if resume_from is not None:
         saved = checkpoint.load(resume_from, map_location=env.device)
@@ -77,7 +83,7 @@ def _train(cfg, env: DistEnv) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, default) for k, default in state.items()}
         log.info("resumed from %s at epoch %d, step %d", resume_from, state["epoch"], state["step"])
 
     logger = WandbLogger(cfg.logger, run_dir, plain_config, enabled=env.is_main)
@@ -115,16 +121,17 @@ def _train(cfg, env: DistEnv) -> dict:
                         },
                         step=state["step"],
                     )
+                every = cfg.trainer.eval_every_steps
+                if every and state["step"] % every == 0 and state["step"] < total_steps:
+                    _validate(net, val_loader, env, state, logger)
+                    net.train()
                 if state["step"] >= total_steps:
                     break
             state["train_time_s"] += time.perf_counter() - started
             state["epoch"] = epoch + 1
             last = state["step"] >= total_steps
             if last or state["epoch"] % cfg.trainer.eval_every == 0:
-                val = evaluate(net, val_loader, env)
-                logger.log(
-                    {f"val/{k}": v for k, v in val.items()} | {"epoch": epoch}, state["step"]
-                )
+                val = _validate(net, val_loader, env, state, logger)
                 if env.is_main:
                     log.info(
                         "epoch %d step %d: train_loss %.4f val_loss %.4f val_acc %.4f",
@@ -140,6 +147,12 @@ def _train(cfg, env: DistEnv) -> dict:
         if not val:  # resumed after the last step: evaluate what was trained
             val = evaluate(net, val_loader, env)
         metrics = _metrics(val, state, cfg, env)
+        if cfg.trainer.eval_train:  # un-augmented, every training sample once
+            train_eval = data.eval_loader(
+                splits.train, cfg.trainer.batch_size, env.rank, env.world_size
+            )
+            train = evaluate(net, train_eval, env)
+            metrics |= {"train_acc": train["acc"], "train_loss": train["loss"]}
         if env.is_main:
             (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.log({"final/val_acc": val["acc"], "final/val_loss": val["loss"]}, state["step"])
@@ -170,6 +183,14 @@ def _train_step(cfg, net, model, optimizer, scheduler, scaler, x, y, env, amp) -
     if env.world_size > 1:
         dist.all_reduce(summed)
     return (summed[0] / summed[1]).item()
+
+
+def _validate(net, val_loader, env, state, logger) -> dict[str, float]:
+    """Evaluate, record the point in the run's validation history, log it."""
+    val = evaluate(net, val_loader, env)
+    state["val_history"].append({"step": state["step"], "loss": val["loss"], "acc": val["acc"]})
+    logger.log({f"val/{k}": v for k, v in val.items()} | {"epoch": state["epoch"]}, state["step"])
+    return val
 
 
 @torch.no_grad()
@@ -248,4 +269,5 @@ def _metrics(val, state, cfg, env) -> dict:
         "samples_per_s": samples / max(state["train_time_s"], 1e-9),
         "wall_time_s": state["train_time_s"],
         "train_loss_history": state["train_loss_history"],
+        "val_history": state["val_history"],
     }

@@ -1,0 +1,125 @@
+"""Distributed mistakes fail loudly: divergent layers, conditional computation, NaN, dead peers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import syncbn
+from syncbn import SyncBatchNorm
+
+
+def _expect_error(fn) -> str:
+    try:
+        fn()
+    except (RuntimeError, FloatingPointError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _different_layers() -> str:
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(
+        nn.ModuleDict({"stem": nn.BatchNorm2d(3), "head": nn.BatchNorm2d(4)})
+    )
+    for layer in model.values():
+        layer.debug = True
+    name, channels = ("stem", 3) if rank == 0 else ("head", 4)
+    return _expect_error(lambda: model[name](torch.randn(2, channels, 3, 3)))
+
+
+def test_debug_mode_names_each_ranks_layer_when_they_differ(run_ranks):
+    errors = run_ranks(_different_layers, 2)
+    for error in errors:  # every rank raises, with the full picture
+        assert error.startswith("RuntimeError: SyncBatchNorm expected every rank"), error
+        assert "rank 0: forward of layer 'stem' (3 channels, torch.float32)" in error
+        assert "rank 1: forward of layer 'head' (4 channels, torch.float32)" in error
+
+
+def _conditional_computation() -> dict:
+    """Rank 1 skips the optional block: without the check its collectives would pair with the
+    wrong layer's. SYNCBN_DEBUG=1 in the environment turns the check on."""
+    os.environ["SYNCBN_DEBUG"] = "1"
+    try:
+        model = syncbn.convert_sync_batchnorm(
+            nn.ModuleDict({"optional": nn.BatchNorm1d(5), "always": nn.BatchNorm1d(5)})
+        )
+    finally:
+        del os.environ["SYNCBN_DEBUG"]
+
+    def step():
+        x = torch.randn(4, 5, requires_grad=True)
+        h = model["optional"](x) if dist.get_rank() == 0 else x
+        model["always"](h).sum().backward()
+
+    return {"debug": model["always"].debug, "error": _expect_error(step)}
+
+
+def test_ranks_that_skip_a_layer_get_an_error_not_a_deadlock(run_ranks):
+    results = run_ranks(_conditional_computation, 2, timeout=30)
+    for result in results:
+        assert result["debug"] is True
+        error = result["error"]
+        assert "rank 0: forward of layer 'optional'" in error, error
+        assert "rank 1: forward of layer 'always'" in error, error
+        assert "run the skipped layers on every rank" in error
+
+
+def _non_finite(bad_rank: int) -> str:
+    layer = SyncBatchNorm(3, check_finite=True)
+    layer.layer_name = "encoder.bn1"
+    x = torch.randn(4, 3, 2)
+    if dist.get_rank() == bad_rank:
+        x[1, 2, 0] = float("nan")
+    return _expect_error(lambda: layer(x))
+
+
+def test_nan_in_the_statistics_names_the_layer_and_the_rank_with_bad_input(run_ranks):
+    errors = run_ranks(_non_finite, 2, 1)
+    for rank, error in enumerate(errors):
+        assert error.startswith("FloatingPointError: SyncBatchNorm expected finite batch"), error
+        assert "'encoder.bn1'" in error and "channels [2]" in error
+        assert ("NOT finite" in error) == (rank == 1)
+
+
+def _finite_check_is_off_by_default() -> bool:
+    layer = SyncBatchNorm(3)
+    x = torch.randn(4, 3)
+    x[0, 0] = float("inf")
+    y = layer(x)
+    return bool(torch.isnan(y[:, 0]).all()) and not layer.check_finite and not layer.debug
+
+
+def test_checks_are_off_by_default(run_ranks):
+    assert run_ranks(_finite_check_is_off_by_default, 2) == [True, True]
+
+
+def _peer_never_arrives() -> str:
+    if dist.get_rank() == 1:
+        time.sleep(6)  # past the group's 3 s timeout: rank 0's collective cannot complete
+        return "slept"
+    layer = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(2)))
+    return _expect_error(lambda: layer(torch.randn(3, 2)))
+
+
+def test_a_collective_that_cannot_complete_fails_naming_the_layer(run_ranks):
+    started = time.monotonic()
+    error, slept = run_ranks(_peer_never_arrives, 2, timeout=3)
+    assert slept == "slept"
+    assert "SyncBatchNorm layer '0': the forward all_reduce of 5 values failed" in error, error
+    assert "SYNCBN_DEBUG=1" in error
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("env", ["1", "true", "0", ""])
+def test_environment_flags(monkeypatch, env):
+    monkeypatch.setenv("SYNCBN_DEBUG", env)
+    monkeypatch.setenv("SYNCBN_CHECK_FINITE", env)
+    layer = SyncBatchNorm(2)
+    assert layer.debug == layer.check_finite == (env in ("1", "true"))
+    assert SyncBatchNorm(2, debug=False).debug is False
