@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -117,10 +118,13 @@ def launch(run: Run, out: Path, args) -> dict:
 
 
 def _mean_std(values: list[float]) -> dict:
+    """Mean and sample std of the finite values; runs that diverged (NaN/Inf) are counted."""
+    finite = [v for v in values if math.isfinite(v)]
     return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "mean": statistics.fmean(finite) if finite else None,
+        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
         "n": len(values),
+        "diverged": len(values) - len(finite),
     }
 
 
@@ -190,6 +194,7 @@ def plot(report: dict, path: Path) -> None:
             gs = [g for g in groups if g["experiment"] == experiment and g["label"] == label]
             if not gs:
                 continue
+            gs = [g for g in gs if g[metric]["mean"] is not None]  # every seed diverged
             xs = [_setting_value(g["setting"]) for g in gs]
             order = sorted(range(len(xs)), key=xs.__getitem__)
             ax.errorbar(
@@ -231,13 +236,31 @@ def _setting_value(setting) -> float:
     return float(setting.split("=")[1]) if isinstance(setting, str) else float(setting)
 
 
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return f"diverged ({stat['diverged']}/{stat['n']})"
+    text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return text + (f" ({stat['diverged']}/{stat['n']} diverged)" if stat["diverged"] else "")
+
+
+def _json_safe(value):
+    """NaN/Inf (a diverged run) as null, so results.json is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def format_table(report: dict) -> str:
     lines = [
         "| experiment | setting | norm | final val acc | val loss | gap (val - train loss) |",
         "|---|---|---|---|---|---|",
     ]
     for g in report["summary"]["groups"]:
-        cells = [f"{g[k]['mean']:.3f} ± {g[k]['std']:.3f}" for k in ("val_acc", "val_loss", "gap")]
+        cells = [_cell(g[k]) for k in ("val_acc", "val_loss", "gap")]
         lines.append(
             f"| {g['experiment']} | {g['setting']} | {g['label']} | " + " | ".join(cells) + " |"
         )
@@ -292,12 +315,12 @@ def main() -> None:
         "steps": args.steps,
         "seeds": args.seeds,
         "command": " ".join(["python", "scripts/compare_norms.py", *sys.argv[1:]]),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - started,  # this invocation; finished runs are reused
         "runs": records,
     }
     report["summary"] = summarize(records)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.json").write_text(json.dumps(_json_safe(report), indent=2))
     plot(report, out / "compare_norms.png")
     print(format_table(report))
 

@@ -101,7 +101,7 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.debug = env_flag("SYNCBN_DEBUG") if debug is None else bool(debug)
         self.check_finite = (
-            env_flag("SYNCBN_CHECK_FINITE") if check_finite is None else check_finite
+            env_flag("SYNCBN_CHECK_FINITE") if check_finite is None else bool(check_finite)
         )
         SyncBatchNorm._built += 1
         self.layer_name = f"SyncBatchNorm#{SyncBatchNorm._built}"

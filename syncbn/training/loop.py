@@ -53,7 +53,13 @@ def _train(cfg, env: DistEnv) -> dict:
         splits, cfg.trainer.batch_size, env.rank, env.world_size, cfg.seed
     )
     model = build_model(
-        cfg.model, cfg.norm.name, splits.in_channels, splits.num_classes, cfg.norm.group_size
+        cfg.model,
+        cfg.norm.name,
+        splits.in_channels,
+        splits.num_classes,
+        cfg.norm.group_size,
+        debug=cfg.norm.get("debug"),
+        check_finite=cfg.norm.get("check_finite"),
     ).to(env.device)
     net = model
     if env.world_size > 1:

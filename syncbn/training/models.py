@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..batchnorm import SyncBatchNorm
 from ..convert import convert_sync_batchnorm
 from ..distributed import new_sync_group
 
@@ -85,8 +86,20 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(cfg, norm: str, in_channels: int, num_classes: int, sync_group_size=None):
-    """The configured model; with ``norm=syncbn`` its BatchNorms become SyncBatchNorm."""
+def build_model(
+    cfg,
+    norm: str,
+    in_channels: int,
+    num_classes: int,
+    sync_group_size=None,
+    debug: bool | None = None,
+    check_finite: bool | None = None,
+):
+    """The configured model; with ``norm=syncbn`` its BatchNorms become SyncBatchNorm.
+
+    ``debug`` and ``check_finite`` switch SyncBatchNorm's checks on or off (``None``: the
+    ``SYNCBN_DEBUG`` / ``SYNCBN_CHECK_FINITE`` environment decides).
+    """
     model = ResNet(
         in_channels,
         num_classes,
@@ -98,4 +111,10 @@ def build_model(cfg, norm: str, in_channels: int, num_classes: int, sync_group_s
     if norm == "syncbn":
         group = new_sync_group(sync_group_size) if sync_group_size else None
         model = convert_sync_batchnorm(model, process_group=group)
+        for layer in model.modules():
+            if isinstance(layer, SyncBatchNorm):
+                if debug is not None:
+                    layer.debug = bool(debug)
+                if check_finite is not None:
+                    layer.check_finite = bool(check_finite)
     return model
