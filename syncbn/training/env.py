@@ -61,15 +61,60 @@ def setup(backend: str = "auto", timeout_s: float = 300.0) -> DistEnv:
             f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun "
             "(e.g. torchrun --standalone --nproc_per_node=2 train.py) or set MASTER_ADDR/PORT"
         )
+    timeout = timedelta(seconds=timeout_s)
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store, attempt = attempt_store(rank, world_size, timeout)
+        if attempt > 1:
+            log.info("rank %d: attempt %d of this torchrun job (a restart)", rank, attempt)
     dist.init_process_group(
         backend,
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if use_cuda else None,
     )
     log.info("rank %d/%d on %s, backend %s", rank, world_size, device, backend)
     return DistEnv(rank, local_rank, world_size, device, backend)
+
+
+def attempt_store(rank: int, world_size: int, timeout: timedelta) -> tuple[dist.Store, int]:
+    """The torchrun agent's store, namespaced by restart attempt, and the attempt number (1, 2...).
+
+    torchrun (``--max-restarts``) keeps one TCPStore for the whole job and its workers bootstrap
+    their process group from it under the same keys every attempt. A restarted rank can then read
+    a peer's address left by the previous attempt before the peer rewrites it, connect to a dead
+    port and fail ("Gloo connectFullMesh failed ... Connection refused"; NCCL's unique id has the
+    same race, pytorch/pytorch#167288). We key each attempt apart.
+
+    ``TORCHELASTIC_RESTART_COUNT`` cannot be the key: on a multi-node job only the agent whose
+    worker failed counts a restart, the others restart their workers without counting. Instead
+    every rank counts its own starts in the store (``store.add``); as torchrun restarts all
+    workers of all nodes together, the counts agree. A store barrier then confirms that all
+    ranks joined the same attempt, so a disagreement (for example after an elastic membership
+    change) ends in a clear error after ``timeout`` instead of a bootstrap that never completes.
+    """
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = agent.add(f"syncbn/starts/rank{rank}", 1)
+    store = dist.PrefixStore(f"syncbn/attempt{attempt}", agent)
+    store.set(f"joined/{rank}", "1")
+    try:
+        store.wait([f"joined/{r}" for r in range(world_size)], timeout)
+    except (RuntimeError, dist.DistStoreError) as error:  # DistStoreError on timeout
+        raise RuntimeError(
+            f"rank {rank} is on attempt {attempt} of this torchrun job but not every one of the "
+            f"{world_size} ranks joined that attempt within {timeout} (ranks that never started, "
+            "or a changed membership of an elastic job); expected all ranks to start together "
+            f"(got: {error})"
+        ) from error
+    return store, attempt
 
 
 def teardown(env: DistEnv) -> None:
