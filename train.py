@@ -21,11 +21,13 @@ import os
 
 import hydra
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from syncbn.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@record  # a failing rank's traceback goes to torchrun's error file and its failure summary
 def main(cfg: DictConfig) -> float:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # only rank 0 talks

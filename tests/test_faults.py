@@ -213,3 +213,38 @@ def test_a_rank_alone_in_its_attempt_fails_with_a_message(monkeypatch):
     agent.add("syncbn/starts/rank1", 1)  # rank 1 started once more than rank 0 (attempt 1)
     with pytest.raises(RuntimeError, match="not every one of the 2 ranks joined that attempt"):
         _join(0, 2, agent.port, 0.5, monkeypatch)
+
+
+FAILING_RANK_1 = textwrap.dedent(
+    """
+    import os
+    if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RUN_ID"):
+        import syncbn.training.loop as loop
+
+        train_step, calls = loop._train_step, []
+
+        def failing_step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise ValueError("fault injected into rank 1 at its 5th step")
+            return train_step(*args, **kwargs)
+
+        loop._train_step = failing_step
+    """
+)
+
+
+def test_an_exception_on_one_rank_ends_all_ranks_with_its_traceback(tmp_path):
+    """Rank 1 raises mid-training; rank 0, blocked in a collective, is ended promptly."""
+    (tmp_path / "sitecustomize.py").write_text(FAILING_RANK_1)  # injected at interpreter start
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *QUIET, *JOB]  # fmt: skip
+    env = dict(_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    started = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0
+    summary = done.stderr[done.stderr.index("Root Cause") :]
+    assert "rank      : 1" in summary, summary
+    assert "ValueError: fault injected into rank 1 at its 5th step" in summary, summary
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after rank 1 failed"
