@@ -248,3 +248,72 @@ def test_an_exception_on_one_rank_ends_all_ranks_with_its_traceback(tmp_path):
     assert "rank      : 1" in summary, summary
     assert "ValueError: fault injected into rank 1 at its 5th step" in summary, summary
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end after rank 1 failed"
+
+
+FAKE_SLURM = {
+    # The allocation's node list, as `scontrol show hostnames` prints it: two nodes on loopback.
+    "scontrol": 'printf "127.0.0.1\\n127.0.0.1\\n"\n',
+    # srun: start the command once per node in parallel, fail when any task fails.
+    "srun": textwrap.dedent(
+        """
+        while [[ $1 == --* ]]; do shift; done
+        pids=()
+        for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+            SLURM_NODEID=$node SLURM_PROCID=$node "$@" & pids+=($!)
+        done
+        status=0
+        for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+        exit $status
+        """
+    ),
+}
+
+
+def test_the_sbatch_script_runs_two_nodes(tmp_path, two_rank_run):
+    """scripts/slurm/train.sbatch with stand-ins for srun and scontrol: 2 nodes, 1 rank each."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = dict(
+        _env(),
+        PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        NPROC_PER_NODE="1",
+        MASTER_PORT=str(_free_port()),
+        RUN_DIR=str(run_dir),
+    )
+    script = ROOT / "scripts" / "slurm" / "train.sbatch"
+    done = subprocess.run(["bash", str(script), *QUIET, *JOB], env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "job 4242: 2 nodes x 1 ranks" in done.stdout
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["train_loss_history"] == two_rank_run["train_loss_history"]
+
+
+def test_srun_without_torchrun_takes_ranks_from_slurm(tmp_path, two_rank_run):
+    """`srun python train.py`: rank, local rank and world size come from SLURM's variables."""
+    run_dir = tmp_path / "run"
+    port = _free_port()
+    tasks = []
+    for rank in range(2):
+        env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   SLURM_JOB_ID="77", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *JOB]
+        tasks.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [task.communicate(timeout=240)[0] for task in tasks]
+    for task, output in zip(tasks, outputs, strict=True):
+        assert task.returncode == 0, output[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["train_loss_history"] == two_rank_run["train_loss_history"]
