@@ -119,7 +119,6 @@ WRITER = textwrap.dedent(
     import sys, torch
     from pathlib import Path
     from syncbn.training import checkpoint
-from syncbn.training.env import attempt_store
     big = {"model": {"w": torch.zeros(64_000_000)}, "optimizer": {}, "epoch": 2, "step": 9}
     while True:
         checkpoint.save(big, Path(sys.argv[1]))
