@@ -15,7 +15,7 @@ Every run has a fixed step budget, so the norms see the same samples. A run's di
 checkpoint (``trainer.resume=auto``), so the script can be stopped and restarted. Writes
 ``<out>/results.json`` (every run and the aggregates) and ``<out>/compare_norms.png``::
 
-    python scripts/compare_norms.py                  # about 15 minutes on 2 CPU cores
+    python scripts/compare_norms.py                  # 72 runs, about 10 minutes on 2 CPU cores
     python scripts/compare_norms.py --quick          # smoke test: one seed, few steps
 """
 
@@ -224,7 +224,8 @@ def plot(report: dict, path: Path) -> None:
     for ax in axes[0][len(batch_sizes) :]:
         ax.axis("off")
     fig.suptitle(
-        f"{report['data']}: {report['steps']} steps, {report['seeds']} seeds (mean ± std), "
+        f"{report['data']}: {report['steps']} steps, {report['world_size']} ranks, "
+        f"{report['seeds']} seeds ({min(report['seeds'], 2)} in the sweeps), mean ± std, "
         f"{report['date']}"
     )
     fig.tight_layout()
