@@ -13,6 +13,15 @@ from .function import sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -115,8 +124,19 @@ class SyncBatchNorm(_BatchNorm):
                 f"(got {input.dim()}D input of shape {tuple(input.shape)})"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input`` of shape :math:`(N, C, *)`.
+
+        ``mask`` (optional, bool, shape :math:`(N, *)` or broadcastable to it; ``True`` marks a
+        real element) restricts the layer to the real elements of a padded batch: only they enter
+        the (global) statistics and the running statistics, which equal ``nn.BatchNorm1d`` applied
+        to the real elements of all ranks' batches gathered as rows of shape :math:`(M, C)`.
+        Padded positions output zero and receive zero gradient, and they do not move the real
+        elements' gradients either. Ranks may hold any number of real elements, including none.
+        """
         self._check_input(input)
+        if mask is not None:
+            return self._masked_forward(input, mask)
         if not self._synchronizes():
             return super().forward(input)
 
@@ -134,6 +154,47 @@ class SyncBatchNorm(_BatchNorm):
         if self.track_running_stats:
             self._update_running_stats(mean, var, count, factor)
         return output
+
+    def _masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
+        """Gather the real elements as rows ``(M, C)``, normalize those, scatter back into zeros.
+
+        Reusing the unmasked path on the gathered rows keeps one implementation of the statistics,
+        the collectives and their gradients; autograd's gather and scatter give the padded
+        positions zero gradient.
+        """
+        real = self._expand_mask(input, mask)
+        channels_last = input.movedim(1, -1)  # (N, *, C)
+        rows = self.forward(channels_last[real])  # (M, C)
+        output = torch.zeros_like(channels_last).index_put((real,), rows)
+        return output.movedim(-1, 1).contiguous(memory_format=_memory_format(input))
+
+    def _expand_mask(self, input: Tensor, mask: Tensor) -> Tensor:
+        """``mask`` validated and expanded to ``(N, *)``: the input's shape without channels."""
+        name = type(self).__name__
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(
+                f"{name} expected mask to be a torch.bool tensor, True for real elements "
+                f"(got {got}); pass e.g. lengths[:, None] > torch.arange(L)"
+            )
+        target = (input.shape[0], *input.shape[2:])
+        if mask.dim() == input.dim() and mask.shape[1] == 1:
+            mask = mask.squeeze(1)  # (N, 1, *): a channel axis of size one
+        try:
+            fits = mask.dim() == len(target)
+            fits = fits and torch.broadcast_shapes(mask.shape, target) == target
+        except RuntimeError:  # not broadcastable
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{name} expected mask of shape (N, *) = {target}, or broadcastable to it, for "
+                f"input of shape {tuple(input.shape)} (got mask of shape {tuple(mask.shape)})"
+            )
+        if mask.device != input.device:
+            raise ValueError(
+                f"{name} expected mask on the input's device {input.device} (got {mask.device})"
+            )
+        return mask.expand(target)
 
     # ------------------------------------------------------------------ helpers
 
