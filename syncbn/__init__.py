@@ -8,6 +8,7 @@ from .batchnorm import SyncBatchNorm
 from .convert import BatchNormNd, convert_sync_batchnorm, revert_sync_batchnorm
 from .distributed import new_sync_group
 from .function import SyncBatchNormFunction, sync_batch_norm
+from .precise_bn import precise_bn
 
 __all__ = [
     "BatchNormNd",
@@ -15,6 +16,7 @@ __all__ = [
     "SyncBatchNormFunction",
     "convert_sync_batchnorm",
     "new_sync_group",
+    "precise_bn",
     "revert_sync_batchnorm",
     "sync_batch_norm",
 ]
