@@ -64,6 +64,20 @@ def test_syncbn_on_2_ranks_follows_bn_on_the_global_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_precise_bn_before_evaluation_changes_only_the_statistics(tmp_path):
+    """trainer.precise_bn_batches: training is untouched; evaluation reports both statistics."""
+    args = [*EQUIVALENCE, "norm=syncbn", "trainer.batch_size=8"]
+    plain = train(tmp_path / "plain", *args, nproc=2)
+    precise = train(tmp_path / "precise", *args, "trainer.precise_bn_batches=30", nproc=2)
+    assert precise["train_loss_history"] == plain["train_loss_history"]
+    assert precise["val_acc_ema"] == plain["val_acc"]  # the same model, the same EMA statistics
+    assert precise["val_loss_ema"] == plain["val_loss"]
+    assert precise["val_loss"] != plain["val_loss"]  # evaluated with other statistics
+    (point,) = precise["val_history"]
+    assert point["acc_ema"] == plain["val_acc"] and point["acc"] == precise["val_acc"]
+
+
+@pytest.mark.slow
 def test_default_job_learns_digits_and_logs_offline_to_wandb(tmp_path):
     run_dir = tmp_path / "run"
     metrics = train(
@@ -128,6 +142,7 @@ def test_default_config_composes_and_validates():
         (["logger.mode=cloud"], r"logger.mode expected one of"),
         (["norm.group_size=3"], r"norm.group_size expected a divisor of the world size 2"),
         (["trainer.epochs=0"], r"trainer.epochs or trainer.max_steps expected > 0"),
+        (["trainer.precise_bn_batches=0"], r"trainer.precise_bn_batches expected > 0 or null"),
     ],
 )
 def test_bad_configuration_is_rejected_before_work(monkeypatch, overrides, message):

@@ -36,6 +36,12 @@ def validate(cfg) -> None:
             f"trainer.eval_every_steps expected > 0 or null (got {cfg.trainer.eval_every_steps})",
         ),
         (
+            cfg.trainer.get("precise_bn_batches") is None
+            or _positive(cfg.trainer.precise_bn_batches),
+            f"trainer.precise_bn_batches expected > 0 or null "
+            f"(got {cfg.trainer.get('precise_bn_batches')})",
+        ),
+        (
             _positive(cfg.trainer.ckpt_every),
             f"trainer.ckpt_every expected > 0 (got {cfg.trainer.ckpt_every})",
         ),

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..precise_bn import precise_bn
 from . import checkpoint, data
 from .config_checks import validate
 from .env import DistEnv, setup, teardown
@@ -67,6 +69,13 @@ def _train(cfg, env: DistEnv) -> dict:
         net = DistributedDataParallel(model, device_ids=device_ids)
     if cfg.trainer.compile:
         net = torch.compile(net)
+
+    precise = None  # re-estimates the BN statistics before each evaluation
+    if cfg.trainer.get("precise_bn_batches"):
+        precise_loader = data.eval_loader(
+            splits.train, cfg.trainer.batch_size, env.rank, env.world_size
+        )
+        precise = partial(precise_bn, model, precise_loader, cfg.trainer.precise_bn_batches)
 
     steps_per_epoch = len(train_loader)
     total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
@@ -129,7 +138,7 @@ def _train(cfg, env: DistEnv) -> dict:
                     )
                 every = cfg.trainer.eval_every_steps
                 if every and state["step"] % every == 0 and state["step"] < total_steps:
-                    _validate(net, val_loader, env, state, logger)
+                    _validate(net, val_loader, env, state, logger, precise)
                     net.train()
                 if state["step"] >= total_steps:
                     break
@@ -137,15 +146,16 @@ def _train(cfg, env: DistEnv) -> dict:
             state["epoch"] = epoch + 1
             last = state["step"] >= total_steps
             if last or state["epoch"] % cfg.trainer.eval_every == 0:
-                val = _validate(net, val_loader, env, state, logger)
+                val = _validate(net, val_loader, env, state, logger, precise)
                 if env.is_main:
                     log.info(
-                        "epoch %d step %d: train_loss %.4f val_loss %.4f val_acc %.4f",
+                        "epoch %d step %d: train_loss %.4f val_loss %.4f val_acc %.4f%s",
                         epoch,
                         state["step"],
                         state["train_loss_history"][-1],
                         val["loss"],
                         val["acc"],
+                        f" (with EMA statistics {val['acc_ema']:.4f})" if "acc_ema" in val else "",
                     )
             if last or state["epoch"] % cfg.trainer.ckpt_every == 0:
                 _save(run_dir, model, optimizer, scheduler, scaler, state, plain_config, env)
@@ -191,10 +201,20 @@ def _train_step(cfg, net, model, optimizer, scheduler, scaler, x, y, env, amp) -
     return (summed[0] / summed[1]).item()
 
 
-def _validate(net, val_loader, env, state, logger) -> dict[str, float]:
-    """Evaluate, record the point in the run's validation history, log it."""
-    val = evaluate(net, val_loader, env)
-    state["val_history"].append({"step": state["step"], "loss": val["loss"], "acc": val["acc"]})
+def _validate(net, val_loader, env, state, logger, precise=None) -> dict[str, float]:
+    """Evaluate, record the point in the run's validation history, log it.
+
+    With ``precise`` (PreciseBN), evaluates twice: with the running averages as they are
+    (``acc_ema``, ``loss_ema``), then with the statistics ``precise()`` sets (``acc``, ``loss``).
+    """
+    extra = {}
+    if precise is not None:
+        ema = evaluate(net, val_loader, env)
+        extra = {"acc_ema": ema["acc"], "loss_ema": ema["loss"]}
+        precise()
+    val = evaluate(net, val_loader, env) | extra
+    point = {"step": state["step"], "loss": val["loss"], "acc": val["acc"], **extra}
+    state["val_history"].append(point)
     logger.log({f"val/{k}": v for k, v in val.items()} | {"epoch": state["epoch"]}, state["step"])
     return val
 
@@ -264,9 +284,11 @@ def _save(run_dir, model, optimizer, scheduler, scaler, state, plain_config, env
 
 def _metrics(val, state, cfg, env) -> dict:
     samples = state["step"] * cfg.trainer.batch_size * env.world_size
+    ema = {f"val_{k}": val[k] for k in ("acc_ema", "loss_ema") if k in val}
     return {
         "val_acc": val["acc"],
         "val_loss": val["loss"],
+        **ema,
         "val_count": val["count"],
         "steps": state["step"],
         "epochs": state["epoch"],
