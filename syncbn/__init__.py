@@ -9,8 +9,10 @@ from .convert import BatchNormNd, convert_sync_batchnorm, revert_sync_batchnorm
 from .distributed import new_sync_group
 from .function import SyncBatchNormFunction, sync_batch_norm
 from .precise_bn import precise_bn
+from .telemetry import BNTelemetry
 
 __all__ = [
+    "BNTelemetry",
     "BatchNormNd",
     "SyncBatchNorm",
     "SyncBatchNormFunction",

@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
 from .debug import env_flag
-from .function import sync_batch_norm
+from .function import _local_moments, sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -114,6 +114,8 @@ class SyncBatchNorm(_BatchNorm):
         )
         SyncBatchNorm._built += 1
         self.layer_name = f"SyncBatchNorm#{SyncBatchNorm._built}"
+        self._observe = False  # syncbn.telemetry: record the next training forward
+        self._observation = None
 
     _built = 0  # layers built in this process, for default names
 
@@ -138,7 +140,10 @@ class SyncBatchNorm(_BatchNorm):
         if mask is not None:
             return self._masked_forward(input, mask)
         if not self._synchronizes():
-            return super().forward(input)
+            output = super().forward(input)
+            if self._observe and self.training:
+                self._record(input)
+            return output
 
         factor = self._running_stats_factor()
         output, mean, var, count = sync_batch_norm(
@@ -153,7 +158,33 @@ class SyncBatchNorm(_BatchNorm):
         )
         if self.track_running_stats:
             self._update_running_stats(mean, var, count, factor)
+        if self._observe:
+            self._record(input, mean, var, count)
         return output
+
+    # ------------------------------------------------------------------ telemetry
+
+    def observe_next_batch(self) -> None:
+        """Record local and global statistics of the next training forward (syncbn.telemetry)."""
+        self._observe = True
+        self._observation = None
+
+    def pop_observation(self) -> tuple[Tensor, ...] | None:
+        """``(local count, local mean, local var, global count, global mean, global var)``
+        recorded since :meth:`observe_next_batch` (float64, biased variances), or ``None``."""
+        observation, self._observation, self._observe = self._observation, None, False
+        return observation
+
+    @torch.no_grad()
+    def _record(self, input: Tensor, mean=None, var=None, count=None) -> None:
+        if torch.compiler.is_compiling():
+            return
+        local_count, local_mean, m2 = _local_moments(input.detach())
+        local_var = m2 / local_count.clamp(min=1)
+        if mean is None:  # not synchronized: the local batch is the normalization batch
+            mean, var, count = local_mean, local_var, local_count
+        self._observation = (local_count, local_mean, local_var, count, mean, var)
+        self._observe = False
 
     def _masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
         """Gather the real elements as rows ``(M, C)``, normalize those, scatter back into zeros.

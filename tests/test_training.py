@@ -64,17 +64,23 @@ def test_syncbn_on_2_ranks_follows_bn_on_the_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_precise_bn_before_evaluation_changes_only_the_statistics(tmp_path):
-    """trainer.precise_bn_batches: training is untouched; evaluation reports both statistics."""
+def test_precise_bn_and_telemetry_leave_training_untouched(tmp_path):
+    """trainer.precise_bn_batches evaluates with both statistics; bn_telemetry_every records."""
     args = [*EQUIVALENCE, "norm=syncbn", "trainer.batch_size=8"]
     plain = train(tmp_path / "plain", *args, nproc=2)
-    precise = train(tmp_path / "precise", *args, "trainer.precise_bn_batches=30", nproc=2)
+    observed = ["trainer.precise_bn_batches=30", "trainer.bn_telemetry_every=8"]
+    precise = train(tmp_path / "precise", *args, *observed, nproc=2)
     assert precise["train_loss_history"] == plain["train_loss_history"]
     assert precise["val_acc_ema"] == plain["val_acc"]  # the same model, the same EMA statistics
     assert precise["val_loss_ema"] == plain["val_loss"]
     assert precise["val_loss"] != plain["val_loss"]  # evaluated with other statistics
     (point,) = precise["val_history"]
     assert point["acc_ema"] == plain["val_acc"] and point["acc"] == precise["val_acc"]
+    assert [t["step"] for t in precise["bn_telemetry"]] == [8, 16, 24]
+    for record in precise["bn_telemetry"]:
+        assert record["bn/features.1/global_count"] == 2 * 8 * 8 * 8  # 2 ranks x 8 digits, 8x8
+        assert 0 < record["bn/mean_drift"] < record["bn/mean_drift_max"] * 1.0001
+    assert plain["bn_telemetry"] == []
 
 
 @pytest.mark.slow
@@ -143,6 +149,7 @@ def test_default_config_composes_and_validates():
         (["norm.group_size=3"], r"norm.group_size expected a divisor of the world size 2"),
         (["trainer.epochs=0"], r"trainer.epochs or trainer.max_steps expected > 0"),
         (["trainer.precise_bn_batches=0"], r"trainer.precise_bn_batches expected > 0 or null"),
+        (["trainer.bn_telemetry_every=-1"], r"trainer.bn_telemetry_every expected > 0 or null"),
     ],
 )
 def test_bad_configuration_is_rejected_before_work(monkeypatch, overrides, message):

@@ -42,6 +42,12 @@ def validate(cfg) -> None:
             f"(got {cfg.trainer.get('precise_bn_batches')})",
         ),
         (
+            cfg.trainer.get("bn_telemetry_every") is None
+            or _positive(cfg.trainer.bn_telemetry_every),
+            f"trainer.bn_telemetry_every expected > 0 or null "
+            f"(got {cfg.trainer.get('bn_telemetry_every')})",
+        ),
+        (
             _positive(cfg.trainer.ckpt_every),
             f"trainer.ckpt_every expected > 0 (got {cfg.trainer.ckpt_every})",
         ),

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..precise_bn import precise_bn
+from ..telemetry import BNTelemetry
 from . import checkpoint, data
 from .config_checks import validate
 from .env import DistEnv, setup, teardown
@@ -77,6 +78,8 @@ def _train(cfg, env: DistEnv) -> dict:
         )
         precise = partial(precise_bn, model, precise_loader, cfg.trainer.precise_bn_batches)
 
+    telemetry = _telemetry(cfg, model)
+
     steps_per_epoch = len(train_loader)
     total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
     optimizer = _optimizer(cfg.optim, model)
@@ -89,6 +92,7 @@ def _train(cfg, env: DistEnv) -> dict:
         "step": 0,
         "train_loss_history": [],
         "val_history": [],  # {"step", "loss", "acc"} at every evaluation
+        "bn_telemetry": [],  # {"step", "bn/...": value} every trainer.bn_telemetry_every steps
         "train_time_s": 0.0,
     }
     resume_from = checkpoint.resolve(cfg.trainer.resume, run_dir)
@@ -122,9 +126,14 @@ def _train(cfg, env: DistEnv) -> dict:
             started = time.perf_counter()
             net.train()
             for x, y in train_loader:
+                observe = telemetry and (state["step"] + 1) % cfg.trainer.bn_telemetry_every == 0
+                if observe:
+                    telemetry.arm()
                 loss = _train_step(cfg, net, model, optimizer, scheduler, scaler, x, y, env, amp)
                 state["train_loss_history"].append(loss)
                 state["step"] += 1
+                if observe:
+                    _log_telemetry(telemetry, state, logger, env)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}")
                 if state["step"] % cfg.trainer.log_every == 0:
@@ -199,6 +208,28 @@ def _train_step(cfg, net, model, optimizer, scheduler, scaler, x, y, env, amp) -
     if env.world_size > 1:
         dist.all_reduce(summed)
     return (summed[0] / summed[1]).item()
+
+
+def _telemetry(cfg, model) -> BNTelemetry | None:
+    if not cfg.trainer.get("bn_telemetry_every"):
+        return None
+    telemetry = BNTelemetry(model)
+    if not telemetry.layers:
+        log.warning("trainer.bn_telemetry_every: no SyncBatchNorm layer to observe (norm=syncbn)")
+        return None
+    if cfg.trainer.compile:
+        log.warning("trainer.bn_telemetry_every: layers inside torch.compile are not recorded")
+    return telemetry
+
+
+def _log_telemetry(telemetry: BNTelemetry, state: dict, logger, env: DistEnv) -> None:
+    metrics = telemetry.collect()  # a collective: every rank, the same steps
+    if not metrics:
+        return
+    state["bn_telemetry"].append({"step": state["step"], **metrics})
+    logger.log(metrics, step=state["step"])
+    if env.is_main:
+        log.info("step %d: %s", state["step"], telemetry.summary(metrics))
 
 
 def _validate(net, val_loader, env, state, logger, precise=None) -> dict[str, float]:
@@ -298,4 +329,5 @@ def _metrics(val, state, cfg, env) -> dict:
         "wall_time_s": state["train_time_s"],
         "train_loss_history": state["train_loss_history"],
         "val_history": state["val_history"],
+        "bn_telemetry": state["bn_telemetry"],
     }
