@@ -17,6 +17,8 @@ Also reported:
   for :math:`W = 2 \\ldots 1024`, plotted against :math:`W`;
 - ``bn+collectives``: local BN issuing blocking all-reduces of SyncBN's sizes where SyncBN must
   (after each BN forward, and in its backward): the communication floor *in situ*;
+- ``syncbn+telemetry/N``: SyncBN with :class:`syncbn.BNTelemetry` armed and collected every N
+  steps (the cost of leaving it on);
 - peak memory of a training step for each norm: resident set size on CPU (``VmHWM``, reset before
   each variant through ``/proc/self/clear_refs``), ``torch.cuda.max_memory_allocated`` on GPU.
 
@@ -46,10 +48,12 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 import syncbn.function as sbfunction
+from syncbn.telemetry import BNTelemetry
 from syncbn.training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NORMS = ("none", "bn", "bn+collectives", "syncbn")
+TELEMETRY = {"syncbn+telemetry/1": 1, "syncbn+telemetry/10": 10}  # BNTelemetry every N steps
 WORLD_SIZES = [2**k for k in range(1, 11)]  # 2 ... 1024
 
 
@@ -119,12 +123,29 @@ def _step(net, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def _time_steps(net, optimizer, x, y, steps: int, device) -> float:
+def _observed_step(telemetry: BNTelemetry, every: int):
+    """A training step that arms BN telemetry and collects it (as train.py does) every N."""
+    count = 0
+
+    def step(net, optimizer, x, y) -> None:
+        nonlocal count
+        count += 1
+        observe = count % every == 0
+        if observe:
+            telemetry.arm()
+        _step(net, optimizer, x, y)
+        if observe:
+            telemetry.collect()
+
+    return step
+
+
+def _time_steps(net, optimizer, x, y, steps: int, device, step=_step) -> float:
     """Mean seconds per step of the slowest rank."""
     dist.barrier()
     started = time.perf_counter()
     for _ in range(steps):
-        _step(net, optimizer, x, y)
+        step(net, optimizer, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = torch.tensor([(time.perf_counter() - started) / steps], device=device)
@@ -190,9 +211,24 @@ def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
                 "warmup_s": warmup_s,
             }
 
+    for name, every in TELEMETRY.items():
+        model, net, optimizer = _variant("syncbn", False, device, world_size)
+        step = _observed_step(BNTelemetry(model), every)
+        for _ in range(args.warmup):
+            step(net, optimizer, x, y)
+        _reset_peak_memory(device)
+        step(net, optimizer, x, y)
+        variants[name] = {"model": model, "net": net, "optimizer": optimizer, "step": step,
+                          "times": [], "peak_memory_mib": _peak_memory_mib(device),
+                          "warmup_s": 0.0}  # fmt: skip
+
     for _ in range(args.rounds):
         for v in variants.values():
-            v["times"].append(_time_steps(v["net"], v["optimizer"], x, y, args.steps, device))
+            v["times"].append(
+                _time_steps(
+                    v["net"], v["optimizer"], x, y, args.steps, device, v.get("step", _step)
+                )  # fmt: skip
+            )
 
     syncbn_eager = variants["syncbn"]
     counted = _count_syncbn_collectives(syncbn_eager["net"], syncbn_eager["optimizer"], x, y)
