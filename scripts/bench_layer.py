@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import tempfile
 import time
-from datetime import date, timedelta
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # differentiable all_reduce (naive SyncBN)
-import torch.multiprocessing as mp
+from benchlib import machine, run_ranks
 from torch import nn
 
 from syncbn import SyncBatchNorm
@@ -154,28 +152,9 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench_layer.json")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _bench_rank,
-            args=(args.world_size, os.path.join(tmp, "rdzv"), args, queue),
-            nprocs=args.world_size,
-            start_method="spawn",
-        )
-    rows = queue.get()
-    device_name = (
-        torch.cuda.get_device_name(0)
-        if args.device == "cuda"
-        else platform.processor() or platform.machine()
-    )
+    rows = run_ranks(_bench_rank, args.world_size, args)
     report = {
-        "date": date.today().isoformat(),
-        "device": args.device,
-        "device_name": device_name,
-        "cpu_count": os.cpu_count(),
-        "world_size": args.world_size,
-        "torch": torch.__version__,
+        **machine(args.device, args.world_size),
         "iters": args.iters,
         "unit": "seconds per forward+backward, median of slowest rank",
         "rows": rows,

@@ -32,18 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from benchlib import machine, run_ranks
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
@@ -376,29 +372,10 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench_train.json")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _bench_rank,
-            args=(args.world_size, os.path.join(tmp, "rdzv"), args, queue),
-            nprocs=args.world_size,
-            start_method="spawn",
-        )
-    measured = queue.get()
-    device_name = (
-        torch.cuda.get_device_name(0)
-        if args.device == "cuda"
-        else platform.processor() or platform.machine()
-    )
+    measured = run_ranks(_bench_rank, args.world_size, args)
     report = {
-        "date": date.today().isoformat(),
-        "device": args.device,
-        "device_name": device_name,
-        "cpu_count": os.cpu_count(),
-        "world_size": args.world_size,
+        **machine(args.device, args.world_size),
         "batch_size": args.batch_size,
-        "torch": torch.__version__,
         "steps": args.steps,
         "rounds": args.rounds,
         **measured,
