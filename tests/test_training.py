@@ -191,6 +191,20 @@ def test_cifar10_missing_directory_says_what_to_do(tmp_path):
         data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
 
 
+@pytest.mark.slow
+def test_more_ranks_times_batch_than_samples_is_rejected_before_training(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *QUIET,
+           "trainer.batch_size=1500"]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=dict(_env(), WORLD_SIZE="1"), capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "trainer.batch_size x world size = 1500 x 1 expected at most the 1438 training" in (
+        done.stderr
+    )
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_validation_shards_cover_every_sample_once():
     shards = [list(data.ShardSampler(11, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
