@@ -140,6 +140,9 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     writer.wait()
     state = checkpoint.load(tmp_path / checkpoint.LAST)
     assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert any(p.suffix == ".tmp" for p in tmp_path.iterdir())  # the killed writer's leftover
+    checkpoint.save(state, tmp_path)  # the next save cleans it up
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LAST]
 
 
 def _soak(steps: int) -> dict:

@@ -17,11 +17,14 @@ LAST = "last.pt"
 def save(state: dict[str, Any], directory: Path) -> Path:
     """Write ``state`` to ``directory/last.pt`` atomically: a temp file, fsync, ``os.replace``.
 
-    A crash mid-write leaves the previous checkpoint intact. ``state`` holds only tensors and
-    plain containers, so it loads with ``torch.load(weights_only=True)``.
+    A crash mid-write leaves the previous checkpoint intact; the next save removes the temp file
+    a killed writer left behind (one writer per directory: rank 0). ``state`` holds only tensors
+    and plain containers, so it loads with ``torch.load(weights_only=True)``.
     """
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / LAST
+    for stale in directory.glob(".last-*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".last-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
