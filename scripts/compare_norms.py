@@ -278,8 +278,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--sweep-batch", type=int, default=4, help="per-rank batch of sweeps")
-    parser.add_argument("--init-scales", type=float, nargs="+", default=[0.25, 1.0, 4.0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.02, 0.1, 0.5])
+    parser.add_argument(
+        "--init-scales",
+        type=float,
+        nargs="*",
+        default=[0.25, 1.0, 4.0],
+        help="none: skip this sweep",
+    )
+    parser.add_argument(
+        "--lrs", type=float, nargs="*", default=[0.02, 0.1, 0.5], help="none: skip this sweep"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 40 steps, small sweeps")
     args = parser.parse_args()
     if args.quick:
