@@ -88,7 +88,8 @@ def precise_bn(
     try:
         model.train()
         with torch.no_grad():
-            _run(model, data_loader, num_batches, forward, _synchronizes(model), process_group)
+            lockstep = _synchronizes(model)
+            _run(model, data_loader, num_batches, forward, lockstep, process_group, device)
         _pool(moments, process_group)
     finally:
         for hook in hooks:
@@ -160,14 +161,13 @@ def _synchronizes(model: nn.Module) -> bool:
     return any(isinstance(m, SyncBatchNorm | nn.SyncBatchNorm) for m in model.modules())
 
 
-def _run(model, data_loader, num_batches, forward, lockstep: bool, group) -> None:
+def _run(model, data_loader, num_batches, forward, lockstep: bool, group, device) -> None:
     """Forward up to ``num_batches`` batches; in lockstep, exhausted ranks feed empty batches."""
     batches = iter(data_loader)
     template = None
     for _ in range(num_batches):
         batch = next(batches, None)
         if lockstep:
-            device = _device_of(model)
             has_data = torch.tensor([float(batch is not None)], device=device)
             dist.all_reduce(has_data, group=group)
             if has_data.item() == 0:
@@ -236,9 +236,3 @@ def _empty_like(batch):
     if isinstance(batch, Mapping):
         return {k: _empty_like(v) for k, v in batch.items()}
     return batch
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")

@@ -32,7 +32,7 @@ all-reduces)::
 
 Unarmed steps cost one attribute check per layer. An armed step costs one extra pass over each
 layer's input (its local moments) and, in :meth:`~BNTelemetry.collect`, two all-reduces of
-:math:`2L + 1` and :math:`3L` values for :math:`L` layers and a device-to-host copy.
+:math:`4L` and :math:`3L` values for :math:`L` layers and a device-to-host copy.
 """
 
 from __future__ import annotations
