@@ -31,21 +31,9 @@ def validate(cfg) -> None:
             _positive(cfg.trainer.eval_every),
             f"trainer.eval_every expected > 0 (got {cfg.trainer.eval_every})",
         ),
-        (
-            cfg.trainer.eval_every_steps is None or _positive(cfg.trainer.eval_every_steps),
-            f"trainer.eval_every_steps expected > 0 or null (got {cfg.trainer.eval_every_steps})",
-        ),
-        (
-            cfg.trainer.get("precise_bn_batches") is None
-            or _positive(cfg.trainer.precise_bn_batches),
-            f"trainer.precise_bn_batches expected > 0 or null "
-            f"(got {cfg.trainer.get('precise_bn_batches')})",
-        ),
-        (
-            cfg.trainer.get("bn_telemetry_every") is None
-            or _positive(cfg.trainer.bn_telemetry_every),
-            f"trainer.bn_telemetry_every expected > 0 or null "
-            f"(got {cfg.trainer.get('bn_telemetry_every')})",
+        *(
+            _positive_or_null(cfg.trainer, "trainer", key)
+            for key in ("eval_every_steps", "precise_bn_batches", "bn_telemetry_every")
         ),
         (
             _positive(cfg.trainer.ckpt_every),
@@ -69,3 +57,9 @@ def validate(cfg) -> None:
 
 def _positive(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_or_null(section, prefix: str, key: str) -> tuple[bool, str]:
+    """The check of an optional count: null (off) or a positive integer."""
+    value = section.get(key)
+    return value is None or _positive(value), f"{prefix}.{key} expected > 0 or null (got {value})"
