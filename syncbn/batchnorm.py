@@ -9,7 +9,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
 from .debug import env_flag
-from .function import _local_moments, sync_batch_norm
+from .function import SyncBatchNormFunction, SyncSpec, reads_totals_on_host
+from .kernels import local_moments64
+from .moments import layer_signature
 
 __all__ = ["SyncBatchNorm"]
 
@@ -116,8 +118,10 @@ class SyncBatchNorm(_BatchNorm):
         self.layer_name = f"SyncBatchNorm#{SyncBatchNorm._built}"
         self._observe = False  # syncbn.telemetry: record the next training forward
         self._observation = None
+        self._named, self._signature = None, 0  # the signature of layer_name (see _spec)
 
     _built = 0  # layers built in this process, for default names
+    _always_sync = False  # tests, benchmarks: the synchronized path even on one rank
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -139,27 +143,26 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input(input)
         if mask is not None:
             return self._masked_forward(input, mask)
-        if not self._synchronizes():
+        world_size = self._sync_world_size()
+        if not world_size:
             output = super().forward(input)
             if self._observe and self.training:
                 self._record(input)
             return output
 
-        factor = self._running_stats_factor()
-        output, mean, var, count = sync_batch_norm(
+        tracking = self.track_running_stats
+        output, mean, invstd, count = SyncBatchNormFunction.apply(
             input,
             self.weight,
             self.bias,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self._advance_num_batches(input) if tracking else 0.0,
             self.eps,
-            self.process_group,
-            self.layer_name,
-            self.debug,
-            self.check_finite,
+            self._spec(world_size),
         )
-        if self.track_running_stats:
-            self._update_running_stats(mean, var, count, factor)
         if self._observe:
-            self._record(input, mean, var, count)
+            self._record(input, mean, invstd, count)
         return output
 
     # ------------------------------------------------------------------ telemetry
@@ -176,13 +179,15 @@ class SyncBatchNorm(_BatchNorm):
         return observation
 
     @torch.no_grad()
-    def _record(self, input: Tensor, mean=None, var=None, count=None) -> None:
+    def _record(self, input: Tensor, mean=None, invstd=None, count=None) -> None:
         if torch.compiler.is_compiling():
             return
-        local_count, local_mean, m2 = _local_moments(input.detach())
-        local_var = m2 / local_count.clamp(min=1)
+        local_count, local_mean, local_var = local_moments64(input.detach())
         if mean is None:  # not synchronized: the local batch is the normalization batch
             mean, var, count = local_mean, local_var, local_count
+        else:
+            mean = mean.double()
+            var = (invstd.double().pow(-2) - self.eps).clamp_min(0)
         self._observation = (local_count, local_mean, local_var, count, mean, var)
         self._observe = False
 
@@ -229,17 +234,22 @@ class SyncBatchNorm(_BatchNorm):
 
     # ------------------------------------------------------------------ helpers
 
-    def _synchronizes(self) -> bool:
-        """Synchronize in training only, with torch.distributed up and >1 rank in the group."""
+    def _sync_world_size(self) -> int:
+        """The group's size when this forward synchronizes, else 0.
+
+        Synchronize in training only, with torch.distributed up and more than one rank in the
+        group (or ``_always_sync`` set: tests and benchmarks run the synchronized path on one).
+        """
         if not self.training or not sbdist.is_initialized():
-            return False
+            return 0
         if not sbdist.is_group_member(self.process_group):
             raise ValueError(
                 f"{type(self).__name__} expected this rank to be a member of its process_group "
                 f"(got rank {sbdist.get_rank()} and a group it does not belong to); pass the group "
                 f"this rank is in, e.g. the one syncbn.new_sync_group(k) returns"
             )
-        return sbdist.get_world_size(self.process_group) > 1
+        world_size = sbdist.get_world_size(self.process_group)
+        return world_size if world_size > 1 or self._always_sync else 0
 
     def _check_input(self, input: Tensor) -> None:
         name = type(self).__name__
@@ -267,27 +277,33 @@ class SyncBatchNorm(_BatchNorm):
             f"call module.to({input.dtype})"
         )
 
-    def _running_stats_factor(self) -> float | Tensor:
+    def _spec(self, world_size: int) -> SyncSpec:
+        """This forward's :class:`SyncSpec`; the signature is recomputed only on a rename."""
+        if self._named != self.layer_name:
+            self._named = self.layer_name
+            self._signature = layer_signature(self.layer_name, self.num_features)
+        return SyncSpec(
+            self.process_group,
+            world_size,
+            self.layer_name,
+            self._signature,
+            self.debug,
+            self.check_finite,
+        )
+
+    def _advance_num_batches(self, input: Tensor) -> float | Tensor:
         """Advance num_batches_tracked; return the running-average weight of this batch.
 
-        ``momentum=None`` returns ``1 / num_batches_tracked`` as a device tensor, where
-        ``nn.BatchNorm`` calls ``float()`` on it (a host sync on CUDA).
+        ``momentum=None`` gives ``1 / num_batches_tracked``: a Python float where the host reads
+        it for free (CPU), a device tensor elsewhere, where ``nn.BatchNorm`` calls ``float()`` on
+        it (a host sync on CUDA).
         """
-        if not self.track_running_stats:
-            return 0.0
         self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / self.num_batches_tracked.double()
-        return self.momentum
-
-    @torch.no_grad()
-    def _update_running_stats(
-        self, mean: Tensor, var: Tensor, count: Tensor, factor: float | Tensor
-    ) -> None:
-        """running <- (1 - factor) * running + factor * observed, with the unbiased variance."""
-        unbiased_var = var * (count / (count - 1))
-        for buffer, observed in ((self.running_mean, mean), (self.running_var, unbiased_var)):
-            buffer.mul_(1 - factor).add_(observed.to(buffer.dtype) * factor)
+        if self.momentum is not None:
+            return self.momentum
+        if reads_totals_on_host(input):
+            return 1.0 / float(self.num_batches_tracked)
+        return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal_()
 
     @classmethod
     def convert_sync_batchnorm(

@@ -1,173 +1,260 @@
 r"""Autograd function of synchronized batch normalization: one all-reduce forward, one backward.
 
 Forward, for input :math:`x` of shape :math:`(N, C, *)` on rank :math:`r` of a group of :math:`W`
-ranks, per channel :math:`c`:
+ranks, per channel: this rank's mean and biased variance, one all-reduce of :math:`2C + 2` float64
+values (:mod:`syncbn.moments`: shifted moments, the count, a layer signature), then the global
+:math:`\mu, \sigma^2` and
 
 .. math::
 
-    n_r = N \prod *, \qquad
-    \mu_r = \frac{1}{n_r} \sum_{i} x_{i}, \qquad
-    M_r = \sum_{i} (x_{i} - \mu_r)^2
-
-    \text{all\_reduce}\big([\, n_r \mu_r,\; M_r + n_r \mu_r^2,\; n_r \,]\big)
-        = [\, S_1,\; S_2,\; n \,] \qquad \text{(one buffer of } 2C + 1 \text{ values)}
-
-    \mu = \frac{S_1}{n}, \qquad \sigma^2 = \frac{S_2}{n} - \mu^2, \qquad
-    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta
+    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta, \qquad
+    \text{running} \leftarrow (1 - m)\,\text{running} + m\,(\mu,\ \sigma^2 \tfrac{n}{n-1}).
 
 Backward, with :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` and
-:math:`g = \partial L / \partial y`:
+:math:`g = \partial L / \partial y`: one all-reduce of :math:`[\sum g,\ \sum g (x - \mu)]`
+(:math:`2C` values), then
 
 .. math::
-
-    \text{all\_reduce}\big([\, \textstyle\sum g,\; \sum g \hat x \,]\big) \qquad (2C \text{ values})
 
     \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
         \Big( g - \frac{1}{n}\sum g - \hat x \, \frac{1}{n} \sum g \hat x \Big)
 
-while :math:`\partial L/\partial \gamma = \sum g \hat x` and
-:math:`\partial L/\partial \beta = \sum g` stay local (this rank's share): DDP averages
-parameter gradients, so reducing them here as well would count them :math:`W` times.
+while :math:`\partial L/\partial \gamma = \sum g \hat x` and :math:`\partial L/\partial \beta =
+\sum g` stay local (this rank's share): DDP averages parameter gradients, so reducing them here as
+well would count them :math:`W` times.
 
-Numerics. The naive one-pass moments :math:`\sum x, \sum x^2` in float32 lose every digit of the
-variance once :math:`|\mu| \gg \sigma` (at :math:`|\mu| = 10^4\sigma` they return garbage, even a
-negative variance). Each rank therefore first computes *centred* local moments
-:math:`(\mu_r, M_r)` in the input's accumulation dtype (two passes on CPU; Welford in
-``torch.batch_norm_stats`` on CUDA), and only the cheap :math:`2C + 1` merge runs in float64, where
-the cancellation in :math:`S_2/n - \mu^2` costs about :math:`\log_{10}(\mu^2/\sigma^2)` of float64's
-16 digits: :math:`10^{-8}` relative at :math:`|\mu| = 10^4\sigma`. Counts travel in float64 too,
-which is exact below :math:`2^{53}` (a float16 count overflows past 65504).
-
-No device-to-host synchronization: empty ranks are handled by shape (known on the host), zero
-counts by arithmetic on device, and the "more than one value per channel" check runs on the host
-only on CPU, where it is free; on CUDA it is a device-side ``torch._assert_async``.
+The kernels that touch the full input come from :mod:`syncbn.kernels` (PyTorch's fused CUDA
+kernels in eager mode on CUDA, composite ops on CPU and under ``torch.compile``); the global
+count is read on the host only on CPU, where that is free. On CUDA nothing synchronizes with the
+host: empty ranks branch on the shape (known on the host), an empty *global* batch is handled by
+arithmetic on device, and the two checks on the reduced buffer (one value per channel, ranks at
+different layers) are device-side assertions (``torch._assert_async``), so a training step can be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from . import debug as sbdebug
+from . import distributed as sbdist
+from . import kernels as sbkernels
 from .distributed import all_reduce_sum
+from .kernels import channel_view, reduce_dims, stat_dtype
+from .moments import layer_signature, pack, tail
 
-__all__ = ["SyncBatchNormFunction", "sync_batch_norm"]
+__all__ = ["SyncBatchNormFunction", "SyncSpec", "reads_totals_on_host", "sync_batch_norm"]
 
-_ONE_VALUE_MESSAGE = (
+ONE_VALUE_MESSAGE = (
     "SyncBatchNorm expected more than 1 value per channel across the process group when "
     "training (got {count}); use a larger batch, sync over more ranks, or call .eval()"
 )
+MIXED_LAYERS_MESSAGE = (
+    "SyncBatchNorm layer {name!r} expected every rank of its group in this layer (got a "
+    "different SyncBatchNorm layer of the same width on another rank, whose statistics would "
+    "have been mixed into this one's). Ranks must run SyncBN layers in the same order and the "
+    "same number of times; rerun with SYNCBN_DEBUG=1 to see each rank's layer. Layers built "
+    "outside convert_sync_batchnorm are named SyncBatchNorm#k in construction order per "
+    "process: if ranks built different numbers of them, name them by their path in the model "
+    "with syncbn.convert_sync_batchnorm(model)"
+)
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """Whom a layer synchronizes with, and how it reports trouble.
+
+    Args:
+        group: the process group (``None``: the world).
+        world_size: its number of ranks.
+        layer_name: the layer's name in errors (its path in the model, when converted).
+        signature: the layer's :func:`syncbn.moments.layer_signature`, checked in every forward
+            against what the other ranks sent.
+        debug: check before each collective that every rank is at the same layer
+            (:mod:`syncbn.debug`; one extra collective).
+        check_finite: raise naming the layer on NaN/Inf global statistics (a host sync).
+    """
+
+    group: ProcessGroup | None
+    world_size: int
+    layer_name: str
+    signature: int
+    debug: bool = False
+    check_finite: bool = False
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalization over the global batch of ``group`` (the math: module docstring).
 
-    ``forward(input, weight, bias, eps, group, layer_name, debug, check_finite)`` returns
-    ``(output, mean, var, count)``: the output and the global per-channel mean, *biased* variance
-    and element count (float64, 0-dim). The statistics are not differentiable; the caller uses
-    them to update running buffers. ``layer_name`` names the layer in errors; ``debug`` and
-    ``check_finite`` switch on the checks of :mod:`syncbn.debug`.
+    ``forward(input, weight, bias, running_mean, running_var, momentum, eps, spec)`` returns
+    ``(output, mean, invstd, count)``: the output,
+    the global per-channel mean and :math:`1/\\sqrt{\\sigma^2 + \\epsilon}` (float32, or float64
+    for float64 input) and the global count of values per channel (float64, 0-dim). It updates
+    ``running_mean`` and ``running_var`` in place when they are given, with weight ``momentum``
+    (a float, or a 0-dim tensor such as ``1 / num_batches_tracked``). ``spec`` is the layer's
+    :class:`SyncSpec`.
     """
 
     @staticmethod
     def forward(
         ctx,
-        input: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float | Tensor,
         eps: float,
-        group: ProcessGroup | None,
-        layer_name: str = "SyncBatchNorm",
-        debug: bool = False,
-        check_finite: bool = False,
+        spec: SyncSpec,
     ):
         with torch.autocast(device_type=input.device.type, enabled=False):
-            x = _contiguous(input) if input.is_cuda else input
-            num_channels = x.shape[1]
+            kernels = sbkernels.kernels_for(input)
+            fused = kernels is not sbkernels.PORTABLE
+            x = _dense(input) if fused else input
+            channels = x.shape[1]
+            local_count = x.numel() // channels
+            on_host = reads_totals_on_host(x)
 
-            # Local centred moments, then one all-reduce of (C,), (C,), (1,) -> (2C+1,) in float64.
-            count, mean, m2 = _local_moments(x)
-            packed = torch.cat([mean * count, m2 + count * mean * mean, count.view(1)])
-            if debug and not torch.compiler.is_compiling():
+            # This rank's moments, then (C,), (C,), (2,) -> (2C+2,): the forward's one collective.
+            if local_count > 0:
+                mean, var = kernels.local_moments(x)
+            else:  # zeros *from* x: under torch.compile a constant collective input may move
+                mean = var = x.sum(reduce_dims(x), dtype=stat_dtype(x))
+            buffer = pack(mean, var, local_count, running_mean, tail(spec.signature, x.device))
+            if spec.debug and not torch.compiler.is_compiling():
                 sbdebug.check_same_call(
-                    layer_name, num_channels, x.dtype, "forward", group, x.device
+                    spec.layer_name, channels, x.dtype, "forward", spec.group, x.device
                 )
-            packed = _reduce(packed, group, layer_name, "forward")
-            sum_x, sum_x2, total = packed.split([num_channels, num_channels, 1])
-            total = total.view(())
-            _check_more_than_one_value(total, x)
+            buffer = _reduce(buffer, spec.group, spec.layer_name, "forward")
 
-            mean64 = sum_x / total
-            var64 = (sum_x2 / total - mean64 * mean64).clamp_min_(0.0)
-            stat_dtype = _stat_dtype(x)
-            mean, var = mean64.to(stat_dtype), var64.to(stat_dtype)
-            if check_finite and not torch.compiler.is_compiling():
-                sbdebug.check_finite_statistics(layer_name, mean64, var64, x)
-            invstd = torch.rsqrt(var + eps)
+            count = _check_totals(buffer, channels, spec, local_count, on_host)
+            finite_check = spec.check_finite and not torch.compiler.is_compiling()
+            stats = _global_statistics(
+                buffer,
+                channels,
+                count,
+                local_count,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+                spec.layer_name if finite_check else None,
+                x,
+            )
+            mean, invstd = stats[1], stats[0]
 
-            output = _normalize(x, weight, bias, mean, var, invstd, eps)
+            if local_count > 0:
+                output = kernels.normalize(x, weight, bias, mean, invstd, eps)
+            else:
+                output = _empty_result(x, invstd)
 
-        ctx.eps = eps
-        ctx.group = group
-        ctx.layer_name = layer_name
-        ctx.debug = debug
-        ctx.save_for_backward(x, weight, mean, invstd, total)
-        ctx.mark_non_differentiable(mean, var, total)
-        return output, mean, var, total
+        ctx.kernels = kernels
+        ctx.spec = spec
+        if on_host:
+            ctx.count = count
+            ctx.save_for_backward(x, weight, mean, invstd)
+        else:
+            ctx.count = None
+            ctx.save_for_backward(x, weight, mean, invstd, count)
+        total = buffer[2 * channels]
+        ctx.mark_non_differentiable(mean, invstd, total)
+        return output, mean, invstd, total
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output, _grad_mean, _grad_var, _grad_count):
-        x, weight, mean, invstd, total = ctx.saved_tensors
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_count):
+        x, weight, mean, invstd, *device_count = ctx.saved_tensors
+        count = ctx.count if ctx.count is not None else device_count[0]
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        kernels = ctx.kernels
         with torch.autocast(device_type=x.device.type, enabled=False):
             dy = grad_output
-            if x.is_cuda:
-                dy = dy.contiguous(memory_format=_memory_format(x))
+            if kernels is not sbkernels.PORTABLE:
+                dy = _dense(dy, like=x)
             if dy.dtype != x.dtype:
                 dy = dy.to(x.dtype)
-            if x.is_cuda and x.numel() > 0:
-                return _backward_cuda(ctx, dy, x, weight, mean, invstd, total)
 
-            # Portable path (CPU, or an empty rank anywhere): one fused reduction pass for
-            # sum(dy) and sum(dy * x_hat); native_batch_norm_backward crashes on empty input.
             if x.numel() > 0:
-                _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                    dy, x, None, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+                sum_dy, sum_dy_xmu, grad_weight, grad_bias = kernels.backward_sums(
+                    dy, x, mean, invstd, weight, need_weight
                 )
-            else:
-                sum_dy, sum_dy_xhat = _empty_sums(dy, mean.dtype)
+            else:  # zero gradients (not None: DDP waits for every parameter's gradient)
+                sum_dy = sum_dy_xmu = grad_weight = grad_bias = _empty_sum(dy, mean.dtype)
 
             grad_input = None
             if need_input:
-                # (C,), (C,) -> (2C,): the only collective of the backward pass.
-                sum_dy_g, sum_dy_xhat_g = _all_reduce_pair(sum_dy, sum_dy_xhat, ctx)
-                grad_input = _input_grad(
-                    dy, x, weight, mean, invstd, total, sum_dy_g, sum_dy_xhat_g
-                )
-            grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
-            grad_bias = sum_dy.to(weight.dtype) if need_bias else None
+                # (C,), (C,) -> (2C,): the backward's one collective.
+                spec = ctx.spec
+                if spec.debug and not torch.compiler.is_compiling():
+                    sbdebug.check_same_call(
+                        spec.layer_name,
+                        sum_dy.numel(),
+                        sum_dy.dtype,
+                        "backward",
+                        spec.group,
+                        sum_dy.device,
+                    )
+                sums = _reduce(
+                    torch.cat([sum_dy, sum_dy_xmu]), spec.group, spec.layer_name, "backward"
+                ).view(2, -1)
+                if x.numel() > 0:
+                    grad_input = kernels.grad_input(dy, x, mean, invstd, weight, sums, count)
+                else:
+                    grad_input = _empty_result(x, sums[0])
+
+            grad_weight = _as(grad_weight, weight) if need_weight else None
+            grad_bias = _as(grad_bias, weight) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def sync_batch_norm(
-    input: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    group: ProcessGroup | None,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    group: ProcessGroup | None = None,
+    *,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float | Tensor = 0.1,
+    world_size: int | None = None,
     layer_name: str = "SyncBatchNorm",
     debug: bool = False,
     check_finite: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional form of :class:`SyncBatchNormFunction`: ``(output, mean, biased var, count)``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Functional synchronized batch norm (training mode) over ``group``.
+
+    Returns ``(output, mean, invstd, count)`` (see :class:`SyncBatchNormFunction`) and updates
+    ``running_mean``/``running_var`` in place when given. Needs an initialized process group;
+    ``world_size`` defaults to the size of ``group``.
+    """
+    if world_size is None:
+        world_size = sbdist.get_world_size(group)
+    channels = input.shape[1] if input.dim() > 1 else 0
+    spec = SyncSpec(
+        group, world_size, layer_name, layer_signature(layer_name, channels), debug, check_finite
+    )
     return SyncBatchNormFunction.apply(
-        input, weight, bias, eps, group, layer_name, debug, check_finite
+        input, weight, bias, running_mean, running_var, momentum, eps, spec
     )
 
 
-def _reduce(packed: torch.Tensor, group, layer_name: str, phase: str) -> torch.Tensor:
+def reads_totals_on_host(x: Tensor) -> bool:
+    """Whether the forward of ``x`` reads the reduced count on the host: on CPU in eager mode,
+    where that is free. On CUDA and under ``torch.compile`` every total stays on the device."""
+    return (
+        not x.is_cuda
+        and sbkernels.kernels_for(x) is sbkernels.PORTABLE
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _reduce(packed: Tensor, group, layer_name: str, phase: str) -> Tensor:
     """all_reduce_sum, with a failure (a peer died, the group timed out) naming the layer."""
     if torch.compiler.is_compiling():
         return all_reduce_sum(packed, group)
@@ -186,7 +273,108 @@ def _reduce(packed: torch.Tensor, group, layer_name: str, phase: str) -> torch.T
 # --------------------------------------------------------------------------- forward helpers
 
 
-def _empty_result(x: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
+def _check_totals(buffer, channels, spec: SyncSpec, local_count: int, on_host: bool):
+    """Check the reduced count and signatures; return the count (a float on the host path).
+
+    A global count of exactly one value per channel has no variance (``nn.BatchNorm`` raises);
+    zero is an empty global batch, which is allowed. Only a rank holding at most one value can
+    see a total of one, so the others skip that check. On CUDA both are device-side assertions.
+    """
+    totals = buffer[2 * channels :]
+    if on_host:
+        count, signatures = totals.tolist()
+        if signatures != spec.world_size * spec.signature:
+            raise RuntimeError(MIXED_LAYERS_MESSAGE.format(name=spec.layer_name))
+        if count == 1:
+            raise ValueError(ONE_VALUE_MESSAGE.format(count=1))
+        return count
+    count, signatures = totals.unbind()
+    torch._assert_async(
+        signatures == spec.world_size * spec.signature, "SyncBatchNorm: ranks at different layers"
+    )
+    if local_count <= 1:
+        torch._assert_async(count != 1, ONE_VALUE_MESSAGE.format(count="1"))
+    return count
+
+
+def _global_statistics(
+    buffer,
+    channels,
+    count,
+    local_count,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    finite_check_layer,
+    x,
+) -> Tensor:
+    r"""``(2, C)`` ``[invstd; mean]`` of the global batch (stat dtype); running stats updated.
+
+    ``buffer`` is the reduced :math:`[Q | P | n | \sum s]` (float64, consumed in place), ``count``
+    its :math:`n` (a float on the host path, a 0-dim tensor otherwise). When this rank is empty
+    the global batch may be too (:math:`n = 0`): then the running statistics must not move and
+    nothing may divide by zero, which on device takes three more ops, on empty ranks only.
+    """
+    maybe_empty = local_count == 0
+    rows = buffer[: 2 * channels].view(2, channels)  # [Q; P]
+    if isinstance(count, float):
+        rows.div_(max(count, 1.0))
+    else:
+        rows.div_(count.clamp_min(1) if maybe_empty else count)
+    var, centred_mean = rows.unbind()  # E[(x - K)^2] and mean - K, so far
+    var.addcmul_(centred_mean, centred_mean, value=-1).clamp_min_(0)
+    if finite_check_layer is not None:
+        sbdebug.check_finite_statistics(finite_check_layer, centred_mean, var, x)
+
+    if running_var is not None:
+        _update_running_var(running_var, var, count, momentum, maybe_empty)
+    if running_mean is not None:
+        centred_mean.add_(running_mean)  # the shift: the global mean itself from here on
+    var.add_(eps).rsqrt_()  # invstd
+    stats = rows if x.dtype == torch.float64 else rows.to(stat_dtype(x))
+    if running_mean is not None:
+        _update_running_mean(running_mean, stats[1], momentum)
+    return stats
+
+
+def _update_running_var(running_var, var, count, momentum, maybe_empty) -> None:
+    r"""``running_var <- (1 - m) running_var + m var n/(n - 1)``, untouched when :math:`n = 0`."""
+    if isinstance(count, float):  # host path: the count is known
+        if count > 1:
+            running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+        return
+    bessel = count / (count - 1)  # n = 0 gives -0: var is 0 there too, so no NaN
+    if maybe_empty:  # keep the buffer where it is when the whole group was empty
+        momentum = (count > 0) * momentum
+    running_var.mul_(1 - momentum).addcmul_(var, bessel * momentum)
+
+
+def _update_running_mean(running_mean, mean, momentum) -> None:
+    """``running_mean <- (1 - m) running_mean + m mean`` (an empty group left ``mean`` at the
+    running mean itself, so it does not move)."""
+    if mean.dtype == running_mean.dtype and (
+        not isinstance(momentum, Tensor) or momentum.dtype == mean.dtype
+    ):
+        running_mean.lerp_(mean, momentum)
+    else:
+        running_mean.mul_(1 - momentum).add_(mean * momentum)
+
+
+def _dense(t: Tensor, like: Tensor | None = None) -> Tensor:
+    """Dense in ``like``'s (default: its own) memory format, as the CUDA kernels need."""
+    return t.contiguous(memory_format=_memory_format(like if like is not None else t))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _empty_result(x: Tensor, reduced: Tensor) -> Tensor:
     """An empty rank's (empty) output or input gradient, made *from* a reduced statistic.
 
     Numerically it is just ``empty_like(x)``; the data dependence matters under torch.compile.
@@ -196,142 +384,22 @@ def _empty_result(x: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
     no longer pair up (a gloo size mismatch, or a hang). An expanded view of a (C,) statistic is
     a dependence no compiler pass folds away (``stat * 0`` is folded to a constant).
     """
-    return _channel_view(reduced.to(x.dtype), x).expand(x.shape).clone()
+    expanded = channel_view(reduced.to(x.dtype), x).expand(x.shape)
+    return expanded.clone(memory_format=_memory_format(x))
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics accumulate in float32, or float64 for float64 input (never in half precision)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _contiguous(x: torch.Tensor) -> torch.Tensor:
-    """Dense in its own memory format (channels_last stays so), as the CUDA kernels need."""
-    return x.contiguous(memory_format=_memory_format(x))
-
-
-def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(C,) -> (C, 1, ..., 1), broadcastable against x of shape (N, C, *)."""
-    return t.view((-1,) + (1,) * (x.dim() - 2))
-
-
-def _local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's per-channel (count, mean, centred sum of squares), all float64 on x's device.
-
-    CPU: ``sum``, then the square of the centred input, in place: two passes over memory and
-    several times faster than ``torch.var_mean`` here (see scripts/bench_layer.py). CUDA: Welford
-    in ``torch.batch_norm_stats``, asked for ``eps=0`` so the variance comes back exact.
-    An empty rank contributes zeros.
-    """
-    num_channels = x.shape[1]
-    n = x.numel() // num_channels if num_channels else 0
-    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    reduce_dims = [0] + list(range(2, x.dim()))
-    if n == 0:
-        # Zeros computed *from* x, not created from nothing: under torch.compile a collective
-        # whose input is a constant may be moved or folded, and ranks would then disagree.
-        zeros = x.sum(reduce_dims, dtype=torch.float64)
-        return count, zeros, zeros
-    if x.is_cuda:
-        mean, invstd = torch.batch_norm_stats(x, 0.0)
-        var = torch.reciprocal(invstd * invstd)  # invstd = inf for a constant channel -> var 0
-        mean64 = mean.double()
-        return count, mean64, var.double() * n
-    mean = x.sum(reduce_dims, dtype=_stat_dtype(x)) / n
-    centred = x - _channel_view(mean, x)  # promotes half inputs to float32
-    m2 = centred.square_().sum(reduce_dims)
-    return count, mean.double(), m2.double()
-
-
-def _check_more_than_one_value(total: torch.Tensor, x: torch.Tensor) -> None:
-    """Training needs more than one value per channel globally (one per rank is fine)."""
-    if x.is_cuda or torch.compiler.is_compiling():
-        # No host sync: a device-side assertion (fatal to the CUDA context, as any device assert).
-        torch._assert_async(total > 1, _ONE_VALUE_MESSAGE.format(count="1 or fewer"))
-    elif total.item() <= 1:
-        raise ValueError(_ONE_VALUE_MESSAGE.format(count=int(total.item())))
-
-
-def _normalize(x, weight, bias, mean, var, invstd, eps):
-    """y = (x - mean) * invstd * weight + bias with global statistics, in x's dtype and layout."""
-    if x.numel() == 0:
-        return _empty_result(x, invstd)
-    if x.is_cuda:
-        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-    # The eval-mode CPU kernel is exactly a fused per-channel affine with given mean and var.
-    # With a parameter dtype other than float32 (e.g. a model cast to bfloat16), pass the
-    # statistics in that dtype: the CPU kernel requires matching parameter dtypes.
-    param_dtype = weight.dtype if weight is not None else mean.dtype
-    return torch.batch_norm(
-        x, weight, bias, mean.to(param_dtype), var.to(param_dtype), False, 0.0, eps, False
-    )
-
-
-# --------------------------------------------------------------------------- backward helpers
-
-
-def _all_reduce_pair(a: torch.Tensor, b: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum two (C,) tensors over the group with a single collective."""
-    if ctx.debug and not torch.compiler.is_compiling():
-        sbdebug.check_same_call(ctx.layer_name, a.numel(), a.dtype, "backward", ctx.group, a.device)
-    packed = _reduce(torch.cat([a, b]), ctx.group, ctx.layer_name, "backward")
-    return packed.split([a.numel(), b.numel()])
-
-
-def _empty_sums(dy: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """An empty rank's (sum dy, sum dy * x_hat): zeros, but computed from ``dy``.
+def _empty_sum(dy: Tensor, dtype: torch.dtype) -> Tensor:
+    """An empty rank's ``sum dy`` (and ``sum dy (x - mean)``): zeros, computed from ``dy``.
 
     The dependence on the upstream gradient keeps a compiled graph's backward collective in the
     backward pass: zeros made from nothing let the partitioner move it into the forward graph of
     this rank only, and the ranks' collectives would no longer pair up.
     """
-    reduce_dims = [0] + list(range(2, dy.dim()))
-    sum_dy = dy.sum(reduce_dims, dtype=dtype)
-    return sum_dy, sum_dy.clone()
+    return dy.sum(reduce_dims(dy), dtype=dtype)
 
 
-def _input_grad(dy, x, weight, mean, invstd, total, sum_dy, sum_dy_xhat):
-    r"""dx = a * dy + b * (x - mean) + c, the backward formula in per-channel coefficients.
-
-    With :math:`a = \gamma\,\mathrm{invstd}`, :math:`b = -a\,\mathrm{invstd}\,\overline{g\hat x}`
-    and :math:`c = -a\,\bar g`. The eval-mode batch_norm kernel computes ``b * (x - mean) + c``
-    in one fused pass (twice as fast as ``addcmul`` with a broadcast operand on CPU here), then
-    ``addcmul_`` adds ``a * dy``: two passes over memory in all.
-    """
-    if x.numel() == 0:
-        return _empty_result(x, sum_dy)
-    n = total.to(mean.dtype)
-    a = invstd if weight is None else weight.to(mean.dtype) * invstd
-    b = -a * invstd * (sum_dy_xhat / n)
-    c = -a * (sum_dy / n)
-    work_dtype = mean.dtype
-    ones = torch.ones_like(mean)
-    grad_input = torch.batch_norm(
-        x.to(work_dtype), b, c, mean, ones, False, 0.0, 0.0, False
-    )  # (x - mean) / sqrt(1 + 0) * b + c
-    grad_input.addcmul_(dy, _channel_view(a, x))
-    return grad_input.to(x.dtype)
-
-
-def _backward_cuda(ctx, dy, x, weight, mean, invstd, total):
-    """CUDA path: PyTorch's fused batch_norm_backward_reduce / _elemt kernels, no host sync."""
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
-        dy, x, mean, invstd, weight, need_input, need_weight, need_bias
-    )
-    grad_input = None
-    if need_input:
-        sum_dy, sum_dy_xmu = _all_reduce_pair(sum_dy, sum_dy_xmu, ctx)
-        # The kernel divides by count.sum(); an int32 (1,) tensor on device keeps it sync-free.
-        count = total.to(torch.int32).view(1)
-        grad_input = torch.batch_norm_backward_elemt(
-            dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count
-        )
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+def _as(grad: Tensor | None, weight: Tensor | None) -> Tensor | None:
+    """A parameter gradient in the parameter's dtype (``None`` without a parameter)."""
+    if grad is None or weight is None:
+        return None
+    return grad if grad.dtype == weight.dtype else grad.to(weight.dtype)

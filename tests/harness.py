@@ -119,6 +119,11 @@ def _worker_main(conn, rank: int) -> None:
         if message is None:
             return
         fn, args, kwargs, world_size, init_file, timeout, backend = message
+        # Layers built outside convert_sync_batchnorm are named in construction order per
+        # process; a reused worker must count from zero like a fresh rank does.
+        import syncbn
+
+        syncbn.SyncBatchNorm._built = 0
         try:
             if backend == "nccl":
                 torch.cuda.set_device(rank)

@@ -29,11 +29,25 @@ class Case:
     group_size: int | None = None  # None: the whole world is one group
     channels: int = 3
     steps: int = 3
-    device: str = "cpu"  # "cuda": rank r runs on GPU r (an NCCL group)
+    device: str = "cpu"  # "cuda": rank r runs on GPU r (an NCCL group), or "cuda:0" for all
+    kernels: str = "default"  # "standin": the CUDA branch on CPU (tests/cuda_standin.py)
+    params: torch.dtype | None = None  # parameter dtype; default: float32, float64 for float64
+    constant_channel: bool = False  # channel 0 holds one value on every rank
 
     @property
     def param_dtype(self) -> torch.dtype:
+        if self.params is not None:
+            return self.params
         return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def reference_param_dtype(self) -> torch.dtype:
+        """nn.BatchNorm's parameters: float32 where ours are half (CPU BN mixes half and float)."""
+        return (
+            torch.float32
+            if self.param_dtype in (torch.float16, torch.bfloat16)
+            else (self.param_dtype)
+        )
 
     def groups(self) -> list[list[int]]:
         size = self.group_size or len(self.batch_sizes)
@@ -48,6 +62,8 @@ def global_batch(case: Case, step: int, group_id: int, total: int):
         -1, *[1] * len(case.spatial)
     )
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + 0.5 * scale
+    if case.constant_channel:
+        x[:, 0] = 2.5
     dy = torch.randn(shape, generator=gen, dtype=torch.float64)
     return x.to(case.dtype), dy.to(case.dtype)
 
@@ -75,6 +91,25 @@ def _state(module: nn.Module) -> dict:
 
 def run_sync_bn(case: Case) -> dict:
     """On one rank: train SyncBatchNorm for ``case.steps`` steps, then evaluate; record all."""
+    if case.kernels == "standin":
+        from syncbn import kernels
+        from tests import cuda_standin
+
+        kernels.override.kernels = kernels.FusedKernels(cuda_standin)
+        try:
+            return _run_sync_bn(case)
+        finally:
+            kernels.override.kernels = None
+    return _run_sync_bn(case)
+
+
+def _device(case: Case, rank: int) -> torch.device:
+    if case.device == "cuda":
+        return torch.device("cuda", rank)
+    return torch.device(case.device)
+
+
+def _run_sync_bn(case: Case) -> dict:
     rank = dist.get_rank()
     group = syncbn.new_sync_group(case.group_size) if case.group_size else None
     group_id, members = next((i, g) for i, g in enumerate(case.groups()) if rank in g)
@@ -82,7 +117,7 @@ def run_sync_bn(case: Case) -> dict:
     start = sum(sizes[: members.index(rank)])
     stop = start + case.batch_sizes[rank]
 
-    device = torch.device("cuda", rank) if case.device == "cuda" else torch.device("cpu")
+    device = _device(case, rank)
     bn = syncbn.SyncBatchNorm(
         case.channels,
         momentum=case.momentum,
@@ -141,7 +176,7 @@ def run_reference(case: Case, group_id: int, members: list[int]) -> dict:
         momentum=case.momentum,
         affine=case.affine,
         track_running_stats=case.track_running_stats,
-        dtype=case.param_dtype,
+        dtype=case.reference_param_dtype,
     )
     _init_params(bn, case)
     record = {"steps": []}

@@ -111,7 +111,7 @@ def test_a_collective_that_cannot_complete_fails_naming_the_layer(run_ranks):
     started = time.monotonic()
     error, slept = run_ranks(_peer_never_arrives, 2, timeout=3)
     assert slept == "slept"
-    assert "SyncBatchNorm layer '0': the forward all_reduce of 5 values failed" in error, error
+    assert "SyncBatchNorm layer '0': the forward all_reduce of 6 values failed" in error, error
     assert "SYNCBN_DEBUG=1" in error
     assert time.monotonic() - started < 30
 

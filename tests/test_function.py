@@ -61,7 +61,7 @@ def _count_collectives(num_features: int, batch: int) -> dict:
 def test_one_collective_per_pass_independent_of_world_size(run_ranks, world_size):
     channels = 5
     for counts in run_ranks(_count_collectives, world_size, channels, 2):
-        assert counts["forward"] == [2 * channels + 1] * 2  # one (2C+1) buffer per layer
+        assert counts["forward"] == [2 * channels + 2] * 2  # one (2C+2) buffer per layer
         assert counts["backward"] == [2 * channels] * 2  # one (2C) buffer per layer
         assert counts["eval"] == []
 
@@ -147,7 +147,7 @@ def test_half_precision_statistics_accumulate_in_float32(run_ranks):
 
 def _bf16_statistics():
     x = torch.randn(70000, 2, dtype=torch.bfloat16)
-    y, mean, _, count = syncbn.sync_batch_norm(x, None, None, 1e-5, None)
+    y, mean, _, count = syncbn.sync_batch_norm(x, None, None)
     return y.dtype, mean.dtype, int(count)
 
 

@@ -1,0 +1,220 @@
+r"""The per-device kernels of the synchronized layer: the one place that tells CPU from CUDA.
+
+:mod:`syncbn.function` runs the same algorithm everywhere (local moments, one all-reduce, global
+statistics, normalize; backward: two local sums, one all-reduce, input gradient) and calls one of
+two kernel sets for the four steps that touch the full input:
+
+- :class:`PortableKernels`: composite ATen ops (``mean``, ``sub``, ``batch_norm`` in eval mode,
+  ``native_batch_norm_backward``). Used on CPU, and under ``torch.compile`` on every device, where
+  inductor fuses them (PyTorch's CUDA-only kernels below have no meta kernels, so a graph with
+  symbolic sizes could not be traced through them).
+- :class:`FusedKernels`: PyTorch's own CUDA kernels for synchronized BN
+  (``batch_norm_update_stats``, ``batch_norm_elemt``, ``batch_norm_backward_reduce``,
+  ``batch_norm_backward_elemt``), one launch per step, channels-last aware. Used in eager mode on
+  CUDA. Their contracts, read from ``aten/src/ATen/native/cuda/Normalization.cu(h)``, and what
+  this class does about each:
+
+  * **Statistics dtype.** Every kernel takes and returns per-channel statistics in the input's
+    *accumulation* dtype: float32 for float16/bfloat16/float32 input, float64 for float64.
+  * **Local moments.** ``batch_norm_update_stats(x, None, None, 0)`` returns the mean and the
+    *biased variance* itself (Welford). ``batch_norm_stats`` is not used: it returns
+    ``invstd = 1/sqrt(var + eps)``, and for ``eps = 0`` its ``InvStd`` transform returns 0 (not
+    inf) for a constant channel, so inverting it turns a constant channel into infinite variance.
+  * **Weight dtype.** ``batch_norm_backward_elemt`` on contiguous NC* input reads the weight in
+    the statistics' dtype when the input is half precision ("Expected weight to have type Float
+    but got Half" for a ``model.half()``), and the channels-last kernels read it in the input's
+    dtype. The weight is cast to the statistics' dtype for that kernel only when the two differ.
+  * **Undefined weight.** With ``weight=None`` (``affine=False``) the channels-last
+    ``batch_norm_backward_reduce`` (taken for channels_last 2d/3d input and for any contiguous
+    input with ``stride(1) == 1``: ``(N, C)``, ``(N, C, 1, 1)``) returns *empty* tensors, not
+    undefined ones, for the weight and bias gradients; they are dropped here, never returned.
+  * **Counts.** ``batch_norm_backward_elemt`` takes per-rank counts as an int32 tensor and
+    divides by their sum. Counts beyond :math:`2^{31}` values per channel would not fit, so it is
+    given the *means* :math:`\sum g / n` and :math:`\sum g (x-\mu) / n` (computed in float64 from
+    the exact float64 count) and a count of one.
+  * **Empty input.** Never called with an empty input (the caller branches on the shape).
+
+Tests drive :class:`FusedKernels` on CPU through a model of these four kernels that follows the
+contracts above (``tests/cuda_standin.py``), so CI, which has no GPU, still checks the CUDA
+branch's logic; the GPU tests (``tests/test_cuda.py``) check the kernels themselves.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+__all__ = ["FusedKernels", "PortableKernels", "kernels_for", "local_moments64", "stat_dtype"]
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics accumulate in float32, or float64 for float64 input (never in half precision)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dimension but the channels (dim 1)."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """(C,) -> (C, 1, ..., 1), broadcastable against x of shape (N, C, *)."""
+    return t.view((-1,) + (1,) * (x.dim() - 2))
+
+
+def local_moments64(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's ``(count, mean, biased var)`` per channel in float64 (zeros when empty):
+    telemetry's view of the local batch, off the training path."""
+    count = x.numel() // x.shape[1]
+    if count == 0:
+        zeros = x.sum(reduce_dims(x), dtype=torch.float64)
+        return zeros.new_zeros(()), zeros, zeros
+    x64 = x.double()
+    var, mean = torch.var_mean(x64, reduce_dims(x), correction=0)
+    return torch.tensor(float(count), dtype=torch.float64, device=x.device), mean, var
+
+
+class PortableKernels:
+    """Composite ATen ops: CPU, and any device under ``torch.compile``.
+
+    Contracts: statistics in :func:`stat_dtype`; ``weight`` may be ``None``; inputs non-empty.
+    """
+
+    name = "portable"
+
+    @staticmethod
+    def local_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and biased variance, centred (two passes: exact at large means)."""
+        dims = reduce_dims(x)
+        mean = x.mean(dims, dtype=stat_dtype(x))
+        centred = x - channel_view(mean, x)  # promotes half input to float32
+        return mean, centred.square_().mean(dims)
+
+    @staticmethod
+    def normalize(x, weight, bias, mean, invstd, eps: float) -> Tensor:
+        """``(x - mean) * invstd * weight + bias`` in x's dtype and memory format.
+
+        The eval-mode CPU kernel with unit variance and ``eps = 0`` is exactly this fused
+        per-channel affine, given the scale ``weight * invstd``. It wants its per-channel
+        arguments in the parameters' dtype (a model cast to bfloat16 has bfloat16 parameters).
+        """
+        scale = invstd if weight is None else weight * invstd
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        if param_dtype != scale.dtype:
+            scale, mean = scale.to(param_dtype), mean.to(param_dtype)
+        return torch.batch_norm(x, scale, bias, mean, _ones(mean), False, 0.0, 0.0, False)
+
+    @staticmethod
+    def backward_sums(dy, x, mean, invstd, weight, need_weight: bool):
+        r"""``(sum dy, sum dy (x - mean), grad_weight or None, grad_bias)``, local, one pass.
+
+        ``native_batch_norm_backward`` in eval mode with unit variance and ``eps = 0`` computes
+        exactly :math:`\sum g` and :math:`\sum g (x - \mu)` as its bias and weight gradients.
+        """
+        ones = _ones(mean)
+        _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, mean, ones, None, None, False, 0.0, [False, True, True]
+        )
+        grad_weight = sum_dy_xmu * invstd if need_weight else None
+        return sum_dy, sum_dy_xmu, grad_weight, sum_dy
+
+    @staticmethod
+    def grad_input(dy, x, mean, invstd, weight, sums: Tensor, count) -> Tensor:
+        r"""``dx = a dy + b (x - mean) + c`` with per-channel coefficients, in two passes.
+
+        ``sums`` is the group's ``(2, C)`` :math:`[\sum g;\ \sum g (x - \mu)]` (scaled in
+        place), ``count`` the group's :math:`n`. With :math:`a = \gamma\,\mathrm{invstd}`,
+        :math:`b = -a\,\mathrm{invstd}^2 \sum g (x-\mu) / n` and :math:`c = -a \sum g / n`,
+        the eval-mode ``batch_norm`` kernel computes ``b (x - mean) + c`` in one fused pass (twice
+        as fast as a broadcast ``addcmul`` on CPU), then ``addcmul_`` adds ``a dy``.
+        """
+        a = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        coefficients = torch.div(sums, -count).mul_(a)  # (2, C): [c; b / invstd^2]
+        c, b = coefficients.unbind()
+        b.mul_(invstd).mul_(invstd)
+        work = x if x.dtype == mean.dtype else x.to(mean.dtype)
+        grad = torch.batch_norm(work, b, c, mean, _ones(mean), False, 0.0, 0.0, False)
+        grad.addcmul_(dy, channel_view(a, x))
+        return grad if grad.dtype == x.dtype else grad.to(x.dtype)
+
+
+_ONES: dict[tuple, Tensor] = {}
+
+
+def _ones(like: Tensor) -> Tensor:
+    """A cached (C,) tensor of ones: a constant, so no per-step allocation."""
+    if torch.compiler.is_compiling():
+        return torch.ones_like(like)
+    key = (like.numel(), like.dtype, like.device)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) > 256:
+            _ONES.clear()
+        ones = _ONES[key] = torch.ones_like(like)
+    return ones
+
+
+class FusedKernels:
+    """PyTorch's fused CUDA kernels for synchronized BN (contracts: module docstring).
+
+    ``ops`` provides the four kernels (default: ``torch``); tests pass a CPU model of them.
+    """
+
+    name = "fused"
+
+    def __init__(self, ops=torch) -> None:
+        self.ops = ops
+
+    def local_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.ops.batch_norm_update_stats(x, None, None, 0.0)
+
+    def normalize(self, x, weight, bias, mean, invstd, eps: float) -> Tensor:
+        return self.ops.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    def backward_sums(self, dy, x, mean, invstd, weight, need_weight: bool):
+        affine = weight is not None
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = self.ops.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, True, need_weight and affine, affine
+        )
+        if weight is None:  # the channels-last kernel returns empty tensors here
+            grad_weight = grad_bias = None
+        return sum_dy, sum_dy_xmu, grad_weight, grad_bias
+
+    def grad_input(self, dy, x, mean, invstd, weight, sums: Tensor, count) -> Tensor:
+        if weight is not None and weight.dtype != mean.dtype:
+            weight = weight.to(mean.dtype)
+        # The kernel divides the sums by the total of an int32 count tensor, which cannot hold
+        # more than 2^31 values per channel: hand it the means and a count of one.
+        mean_dy, mean_dy_xmu = torch.div(sums, count).unbind()
+        return self.ops.batch_norm_backward_elemt(
+            dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu, _one(x.device)
+        )
+
+
+_ONE: dict[torch.device, Tensor] = {}
+
+
+def _one(device: torch.device) -> Tensor:
+    """A cached int32 ``[1]`` on ``device``: the count ``batch_norm_backward_elemt`` divides by."""
+    one = _ONE.get(device)
+    if one is None:
+        one = _ONE[device] = torch.ones(1, dtype=torch.int32, device=device)
+    return one
+
+
+PORTABLE = PortableKernels()
+FUSED = FusedKernels()
+
+# Tests set ``override.kernels`` to run a kernel set (the CPU model of the CUDA kernels) on CPU.
+override = SimpleNamespace(kernels=None)
+
+
+def kernels_for(x: Tensor):
+    """The kernel set for ``x``: fused on CUDA in eager mode, portable otherwise."""
+    if torch.compiler.is_compiling():
+        return PORTABLE
+    if x.is_cuda:
+        return FUSED
+    return override.kernels or PORTABLE

@@ -1,0 +1,158 @@
+"""The CUDA branch of syncbn.function, run on CPU ranks through a model of PyTorch's CUDA kernels.
+
+CI has no GPU. ``tests/cuda_standin.py`` follows the contracts of the four CUDA kernels the
+branch calls (dtypes, channels-last dispatch, ``InvStd``, empty weight gradients, int32 counts),
+so these tests run the branch end to end on real gloo ranks against ``nn.BatchNorm`` on the
+concatenated batch, and catch every defect that the first GPU run would otherwise have found
+(issue 13). The same scenarios run on a real GPU in ``tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+import syncbn
+from syncbn import kernels as sbkernels
+from tests import cuda_standin
+from tests.scenarios import Case, run_sync_bn
+from tests.test_batchnorm import check_against_reference
+
+# The scenarios of the GPU suite (tests/test_cuda.py), each also run here through the stand-in.
+SCENARIOS = {
+    "float32_2d": Case((3, 5), spatial=(4, 5), dtype=torch.float32),
+    "float64_uneven_momentum_none": Case((1, 6, 2), dtype=torch.float64, momentum=None),
+    "float16_input_float32_params": Case((3, 2), dtype=torch.float16),
+    "bfloat16_input_float32_params_3d": Case((2, 3), spatial=(2, 3, 2), dtype=torch.bfloat16),
+    "float16_params": Case((3, 2), dtype=torch.float16, params=torch.float16),
+    "bfloat16_params_channels_last": Case(
+        (2, 3),
+        spatial=(3, 3),
+        dtype=torch.bfloat16,
+        params=torch.bfloat16,
+        memory_format=torch.channels_last,
+    ),
+    "channels_last_2d": Case(
+        (2, 3), spatial=(3, 4), dtype=torch.float32, memory_format=torch.channels_last
+    ),
+    "channels_last_3d": Case((2, 3), spatial=(2, 3, 2), memory_format=torch.channels_last_3d),
+    "N_C": Case((3, 5), spatial=(), dtype=torch.float32),
+    "N_C_1_1": Case((3, 5), spatial=(1, 1), dtype=torch.float32),
+    "affine_false_N_C": Case((3, 5), spatial=(), dtype=torch.float32, affine=False),
+    "affine_false_channels_last": Case(
+        (2, 3),
+        spatial=(3, 3),
+        dtype=torch.float32,
+        affine=False,
+        memory_format=torch.channels_last,
+    ),
+    "affine_false_N_C_1_1": Case((2, 4), spatial=(1, 1), dtype=torch.float32, affine=False),
+    "no_running_stats": Case((2, 3), dtype=torch.float32, track_running_stats=False),
+    "momentum_none_affine_false": Case((2, 3), momentum=None, affine=False),
+    "empty_rank": Case((4, 0, 2), dtype=torch.float32),
+    "empty_rank_channels_last": Case(
+        (0, 3), spatial=(2, 2), dtype=torch.float32, memory_format=torch.channels_last
+    ),
+    "constant_channel": Case((3, 4), dtype=torch.float32, constant_channel=True),
+    "constant_channel_N_C_1_1": Case((2, 2), spatial=(1, 1), constant_channel=True),
+    "one_value_per_rank_N_C": Case((1, 1), spatial=()),
+    "one_value_per_rank_N_C_1_1": Case((1, 1, 1), spatial=(1, 1), dtype=torch.float32),
+}
+
+
+def _standin(case: Case) -> Case:
+    return dataclasses.replace(case, kernels="standin")
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_cuda_branch_matches_batchnorm(run_ranks, name):
+    case = _standin(SCENARIOS[name])
+    check_against_reference(run_ranks(run_sync_bn, len(case.batch_sizes), case), case)
+
+
+def test_backward_counts_beyond_int32(tmp_path):
+    """``batch_norm_backward_elemt`` divides by the sum of an int32 count tensor; a group holding
+    more than 2^31 values per channel must still get ``dy - mean(dy) - ...`` with the true count."""
+    fused = sbkernels.FusedKernels(cuda_standin)
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    mean, invstd = torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5
+    weight = torch.rand(4, generator=gen) + 0.5
+    count = torch.tensor(3.0e9, dtype=torch.float64)  # > 2^31
+    sums = torch.randn(2, 4, generator=gen) * 1e9
+    got = fused.grad_input(dy, x, mean, invstd, weight, sums.clone(), count)
+    a = (weight * invstd).view(1, -1, 1, 1)
+    expected = a * (
+        dy
+        - (sums[0] / 3.0e9).view(1, -1, 1, 1)
+        - (x - mean.view(1, -1, 1, 1))
+        * invstd.view(1, -1, 1, 1) ** 2
+        * (sums[1] / 3.0e9).view(1, -1, 1, 1)
+    )
+    assert_close(got, expected)
+
+
+def _compile_with_override(kernels) -> bool:
+    """Under torch.compile the portable kernels run even where the fused ones would in eager
+    mode: PyTorch's CUDA BN kernels have no meta kernels, so tracing with symbolic sizes fails."""
+    sbkernels.override.kernels = kernels
+    try:
+        torch._dynamo.reset()
+        bn = syncbn.SyncBatchNorm(3)
+        bn._always_sync = True
+        compiled = torch.compile(bn, fullgraph=True, dynamic=True)
+        for batch in (4, 6):
+            compiled(torch.randn(batch, 3, 5, requires_grad=True)).sum().backward()
+        return True
+    finally:
+        sbkernels.override.kernels = None
+
+
+class _Unusable:
+    """A kernel set that must not be called."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the fused kernels were used under torch.compile ({name})")
+
+
+@pytest.mark.slow
+def test_compile_uses_the_portable_kernels(run_ranks):
+    assert run_ranks(_compile_with_override, 1, _Unusable(), timeout=300) == [True]
+
+
+def _device_side_checks(case: str) -> str:
+    """The CUDA branch checks the reduced buffer on device (``torch._assert_async``, which on
+    CPU raises at once): a global count of one, and ranks at different layers."""
+    sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
+    try:
+        rank = dist.get_rank()
+        if case == "one_value":
+            x = torch.randn(1 if rank == 0 else 0, 3)
+            syncbn.SyncBatchNorm(3)(x)
+        else:
+            layers = syncbn.convert_sync_batchnorm(
+                nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)})
+            )
+            layers["a" if rank == 0 else "b"](torch.randn(4, 3))
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        sbkernels.override.kernels = None
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("one_value", "expected more than 1 value per channel"),
+        ("mixed_layers", "ranks at different layers"),
+    ],
+)
+def test_device_side_checks(run_ranks, case, message):
+    for error in run_ranks(_device_side_checks, 2, case):
+        assert message in error, error
