@@ -153,6 +153,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             else:
                 output = _empty_result(x, invstd)
 
+        ctx.set_materialize_grads(False)  # mean, invstd, count get no gradient
         ctx.kernels = kernels
         ctx.spec = spec
         if on_host:
@@ -172,6 +173,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         count = ctx.count if ctx.count is not None else device_count[0]
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         kernels = ctx.kernels
+        if grad_output is None:  # never in practice: only the output is differentiable
+            grad_output = torch.zeros_like(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             dy = grad_output
             if kernels is not sbkernels.PORTABLE:
@@ -312,9 +315,10 @@ def _global_statistics(
     r"""``(2, C)`` ``[invstd; mean]`` of the global batch (stat dtype); running stats updated.
 
     ``buffer`` is the reduced :math:`[Q | P | n | \sum s]` (float64, consumed in place), ``count``
-    its :math:`n` (a float on the host path, a 0-dim tensor otherwise). When this rank is empty
-    the global batch may be too (:math:`n = 0`): then the running statistics must not move and
-    nothing may divide by zero, which on device takes three more ops, on empty ranks only.
+    its :math:`n` (a float on the host path, a 0-dim tensor otherwise). The cancellation
+    :math:`Q/n - (P/n)^2` runs in float64, the rest in the statistics' dtype. When this rank is
+    empty the global batch may be too (:math:`n = 0`): then nothing divides by zero and the
+    running statistics keep their values, at the cost of a few more ops on empty ranks only.
     """
     maybe_empty = local_count == 0
     rows = buffer[: 2 * channels].view(2, channels)  # [Q; P]
@@ -322,43 +326,37 @@ def _global_statistics(
         rows.div_(max(count, 1.0))
     else:
         rows.div_(count.clamp_min(1) if maybe_empty else count)
-    var, centred_mean = rows.unbind()  # E[(x - K)^2] and mean - K, so far
+    var, centred_mean = rows.unbind()  # so far E[(x - K)^2] and mean - K
     var.addcmul_(centred_mean, centred_mean, value=-1).clamp_min_(0)
     if finite_check_layer is not None:
         sbdebug.check_finite_statistics(finite_check_layer, centred_mean, var, x)
 
-    if running_var is not None:
-        _update_running_var(running_var, var, count, momentum, maybe_empty)
-    if running_mean is not None:
-        centred_mean.add_(running_mean)  # the shift: the global mean itself from here on
-    var.add_(eps).rsqrt_()  # invstd
     stats = rows if x.dtype == torch.float64 else rows.to(stat_dtype(x))
+    var, mean = stats.unbind()
     if running_mean is not None:
-        _update_running_mean(running_mean, stats[1], momentum)
+        mean.add_(running_mean)  # undo the shift
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum, maybe_empty)
+    var.add_(eps).rsqrt_()  # invstd from here on
     return stats
 
 
-def _update_running_var(running_var, var, count, momentum, maybe_empty) -> None:
-    r"""``running_var <- (1 - m) running_var + m var n/(n - 1)``, untouched when :math:`n = 0`."""
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum, maybe_empty):
+    r"""``running <- running + m (observed - running)`` for the mean and the unbiased variance
+    :math:`\sigma^2 n / (n - 1)`, both in one multi-tensor ``lerp``; untouched when :math:`n = 0`
+    (there ``mean`` is the running mean itself and ``var`` is 0, and the weight is 0)."""
     if isinstance(count, float):  # host path: the count is known
-        if count > 1:
-            running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
-        return
-    bessel = count / (count - 1)  # n = 0 gives -0: var is 0 there too, so no NaN
-    if maybe_empty:  # keep the buffer where it is when the whole group was empty
-        momentum = (count > 0) * momentum
-    running_var.mul_(1 - momentum).addcmul_(var, bessel * momentum)
-
-
-def _update_running_mean(running_mean, mean, momentum) -> None:
-    """``running_mean <- (1 - m) running_mean + m mean`` (an empty group left ``mean`` at the
-    running mean itself, so it does not move)."""
-    if mean.dtype == running_mean.dtype and (
-        not isinstance(momentum, Tensor) or momentum.dtype == mean.dtype
-    ):
-        running_mean.lerp_(mean, momentum)
+        if count < 2:
+            return
+        unbiased = var * (count / (count - 1))
     else:
-        running_mean.mul_(1 - momentum).add_(mean * momentum)
+        unbiased = var * (count / (count - 1))  # n = 0 gives -0, not NaN: var is 0 there
+        if maybe_empty:
+            momentum = (count > 0).to(running_mean.dtype) * momentum
+    if mean.dtype == running_mean.dtype:
+        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+    else:  # parameters in half precision: the statistics stay float32 until here
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
 def _dense(t: Tensor, like: Tensor | None = None) -> Tensor:

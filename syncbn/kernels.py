@@ -102,42 +102,46 @@ class PortableKernels:
         """
         scale = invstd if weight is None else weight * invstd
         param_dtype = weight.dtype if weight is not None else mean.dtype
-        if param_dtype != scale.dtype:
-            scale, mean = scale.to(param_dtype), mean.to(param_dtype)
+        scale, mean = _as_type(scale, param_dtype), _as_type(mean, param_dtype)
         return torch.batch_norm(x, scale, bias, mean, _ones(mean), False, 0.0, 0.0, False)
 
     @staticmethod
     def backward_sums(dy, x, mean, invstd, weight, need_weight: bool):
-        r"""``(sum dy, sum dy (x - mean), grad_weight or None, grad_bias)``, local, one pass.
+        r"""``(sum dy, sum dy x_hat, grad_weight, grad_bias)``, local, in one fused pass.
 
-        ``native_batch_norm_backward`` in eval mode with unit variance and ``eps = 0`` computes
-        exactly :math:`\sum g` and :math:`\sum g (x - \mu)` as its bias and weight gradients.
+        ``native_batch_norm_backward`` given the global mean and invstd computes exactly
+        :math:`\sum g \hat x` and :math:`\sum g` as its weight and bias gradients. (This set
+        reduces :math:`\sum g \hat x`, the fused set :math:`\sum g (x - \mu)`: each set's
+        ``grad_input`` reads its own; an empty rank sends zeros, which are both.)
         """
-        ones = _ones(mean)
-        _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, x, None, mean, ones, None, None, False, 0.0, [False, True, True]
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
         )
-        grad_weight = sum_dy_xmu * invstd if need_weight else None
-        return sum_dy, sum_dy_xmu, grad_weight, sum_dy
+        return sum_dy, sum_dy_xhat, sum_dy_xhat, sum_dy
 
     @staticmethod
     def grad_input(dy, x, mean, invstd, weight, sums: Tensor, count) -> Tensor:
         r"""``dx = a dy + b (x - mean) + c`` with per-channel coefficients, in two passes.
 
-        ``sums`` is the group's ``(2, C)`` :math:`[\sum g;\ \sum g (x - \mu)]` (scaled in
-        place), ``count`` the group's :math:`n`. With :math:`a = \gamma\,\mathrm{invstd}`,
-        :math:`b = -a\,\mathrm{invstd}^2 \sum g (x-\mu) / n` and :math:`c = -a \sum g / n`,
-        the eval-mode ``batch_norm`` kernel computes ``b (x - mean) + c`` in one fused pass (twice
-        as fast as a broadcast ``addcmul`` on CPU), then ``addcmul_`` adds ``a dy``.
+        ``sums`` is the group's ``(2, C)`` :math:`[\sum g;\ \sum g \hat x]` (consumed), ``count``
+        the group's :math:`n`. With :math:`a = \gamma\,\mathrm{invstd}`,
+        :math:`b = -a\,\mathrm{invstd} \sum g \hat x / n` and :math:`c = -a \sum g / n`, the
+        eval-mode ``batch_norm`` kernel computes ``b (x - mean) + c`` in one fused pass (twice as
+        fast as a broadcast ``addcmul`` on CPU), then ``addcmul_`` adds ``a dy``.
         """
-        a = invstd if weight is None else weight.to(invstd.dtype) * invstd
-        coefficients = torch.div(sums, -count).mul_(a)  # (2, C): [c; b / invstd^2]
+        a = invstd if weight is None else _as_type(weight, invstd.dtype) * invstd
+        coefficients = sums.div_(-count).mul_(a)  # (2, C): [c; b / invstd]
         c, b = coefficients.unbind()
-        b.mul_(invstd).mul_(invstd)
-        work = x if x.dtype == mean.dtype else x.to(mean.dtype)
+        b.mul_(invstd)
+        work = _as_type(x, mean.dtype)
         grad = torch.batch_norm(work, b, c, mean, _ones(mean), False, 0.0, 0.0, False)
         grad.addcmul_(dy, channel_view(a, x))
-        return grad if grad.dtype == x.dtype else grad.to(x.dtype)
+        return _as_type(grad, x.dtype)
+
+
+def _as_type(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without an op when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _ONES: dict[tuple, Tensor] = {}
@@ -183,8 +187,8 @@ class FusedKernels:
         return sum_dy, sum_dy_xmu, grad_weight, grad_bias
 
     def grad_input(self, dy, x, mean, invstd, weight, sums: Tensor, count) -> Tensor:
-        if weight is not None and weight.dtype != mean.dtype:
-            weight = weight.to(mean.dtype)
+        if weight is not None:
+            weight = _as_type(weight, mean.dtype)
         # The kernel divides the sums by the total of an int32 count tensor, which cannot hold
         # more than 2^31 values per channel: hand it the means and a count of one.
         mean_dy, mean_dy_xmu = torch.div(sums, count).unbind()
