@@ -5,20 +5,31 @@ CUDA (NCCL), with no device-to-host synchronization.
 """
 
 from .batchnorm import SyncBatchNorm
-from .convert import BatchNormNd, convert_sync_batchnorm, revert_sync_batchnorm
+from .convert import (
+    BatchNormNd,
+    convert_sync_batchnorm,
+    register_converter,
+    register_reverter,
+    revert_sync_batchnorm,
+)
 from .distributed import new_sync_group
 from .function import SyncBatchNormFunction, sync_batch_norm
+from .norm_act import BatchNormAct, SyncBatchNormAct
 from .precise_bn import precise_bn
 from .telemetry import BNTelemetry
 
 __all__ = [
     "BNTelemetry",
+    "BatchNormAct",
     "BatchNormNd",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "SyncBatchNormFunction",
     "convert_sync_batchnorm",
     "new_sync_group",
     "precise_bn",
+    "register_converter",
+    "register_reverter",
     "revert_sync_batchnorm",
     "sync_batch_norm",
 ]

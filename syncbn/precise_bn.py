@@ -25,6 +25,7 @@ downstream see the inputs they saw in training.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -59,20 +60,30 @@ def precise_bn(
     were. Padded elements excluded by a :class:`syncbn.SyncBatchNorm` ``mask`` are excluded here
     too.
 
-    Call it on every rank. A rank whose loader runs out early keeps stepping with empty batches
-    while other ranks still have data, as long as the model synchronizes in its forward
-    (SyncBatchNorm layers, DistributedDataParallel); every rank needs at least one batch then.
+    Call it on every rank; ``num_batches`` may differ between ranks (``len(data_loader)`` of
+    uneven shards). When the model synchronizes in its forward (SyncBatchNorm layers,
+    DistributedDataParallel) the ranks step in lockstep, agreeing at each step, with one small
+    all-reduce, whether any rank still has a batch: they make as many forward calls as the rank
+    with the most batches to give (the maximum over ranks of ``min(num_batches, len(loader))``);
+    a rank that is done (its loader exhausted or its ``num_batches`` reached) feeds empty batches
+    shaped like its last one. Every rank then needs at least one batch; if one has none, all ranks
+    raise the same ``ValueError`` naming it. The statistics count every sample once whichever rank
+    held it.
 
     Args:
         model: the model (or a ``DistributedDataParallel`` wrapping it).
         data_loader: yields batches: a tensor, a tuple or list whose first element is the input,
             or a dict of keyword arguments of ``model``; tensors are moved to the model's device.
-        num_batches: at most this many batches per rank.
+        num_batches: at most this many batches of this rank's ``data_loader`` (>= 0, may differ
+            between ranks).
         forward: ``forward(model, batch)`` for other batch layouts; it must call ``model``.
         process_group: the ranks to pool over. Default: the whole world.
     """
-    if not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"precise_bn expected num_batches >= 1 (got {num_batches!r})")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
+        raise ValueError(
+            f"precise_bn expected num_batches to be an integer >= 0 (got {num_batches!r}); "
+            f"e.g. len(data_loader)"
+        )
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not layers:
         return
@@ -162,25 +173,46 @@ def _synchronizes(model: nn.Module) -> bool:
 
 
 def _run(model, data_loader, num_batches, forward, lockstep: bool, group, device) -> None:
-    """Forward up to ``num_batches`` batches; in lockstep, exhausted ranks feed empty batches."""
+    """Forward up to ``num_batches`` batches of ``data_loader``.
+
+    In lockstep (the forward runs collectives) every rank must make the same number of forward
+    calls, whatever its own ``num_batches`` and however many batches its loader holds. Each step
+    therefore begins with one all-reduce of two flags per rank, ``(has a batch, cannot make an
+    empty one)``: the ranks stop together at the first step where none has a batch, i.e. after
+    ``max over ranks of min(num_batches, batches available)`` steps, and a rank without a batch
+    of its own feeds an empty one shaped like its last. Every rank leaves the loop at the same
+    step, so the pooling all-reduces that follow line up on all of them.
+    """
     batches = iter(data_loader)
-    template = None
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        if lockstep:
-            has_data = torch.tensor([float(batch is not None)], device=device)
-            dist.all_reduce(has_data, group=group)
-            if has_data.item() == 0:
-                return
-            if batch is None:
-                if template is None:
-                    raise ValueError(
-                        f"precise_bn expected at least one batch on every rank (got none on rank "
-                        f"{dist.get_rank()}); give every rank data, e.g. a DistributedSampler"
-                    )
-                batch = _empty_like(template)
-        elif batch is None:
+    if not lockstep:
+        for batch in itertools.islice(batches, num_batches):
+            forward(model, batch)
+        return
+    ranks = sbdist.group_ranks(group)
+    me = sbdist.get_rank(group)
+    taken, template = 0, None
+    while True:
+        batch = next(batches, None) if taken < num_batches else None
+        if batch is not None:
+            taken += 1
+        else:
+            taken = num_batches  # the loader is exhausted: never ask it again
+        flags = torch.zeros(2, len(ranks), dtype=torch.int64, device=device)
+        flags[0, me] = batch is not None
+        flags[1, me] = batch is None and template is None
+        dist.all_reduce(flags, group=group)
+        has_batch, no_template = flags.tolist()
+        if not any(has_batch):
             return
+        if any(no_template):
+            empty = [rank for rank, flag in zip(ranks, no_template, strict=True) if flag]
+            raise ValueError(
+                f"precise_bn expected at least one batch on every rank, as the model "
+                f"synchronizes in its forward (got none on rank(s) {empty}); give every rank "
+                f"data, e.g. with a DistributedSampler"
+            )
+        if batch is None:
+            batch = _empty_like(template)
         template = batch
         forward(model, batch)
 
