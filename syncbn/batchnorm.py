@@ -200,7 +200,8 @@ class SyncBatchNorm(_BatchNorm):
         """
         real = self._expand_mask(input, mask)
         channels_last = input.movedim(1, -1)  # (N, *, C)
-        rows = self.forward(channels_last[real])  # (M, C)
+        # SyncBatchNorm's own forward: a subclass's (norm + activation) wraps this one.
+        rows = SyncBatchNorm.forward(self, channels_last[real])  # (M, C)
         output = torch.zeros_like(channels_last).index_put((real,), rows)
         return output.movedim(-1, 1).contiguous(memory_format=_memory_format(input))
 
@@ -307,12 +308,12 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(
-        cls, module: torch.nn.Module, process_group: ProcessGroup | None = None
+        cls, module: torch.nn.Module, process_group: ProcessGroup | None = None, **kwargs
     ) -> torch.nn.Module:
         """Same as :func:`syncbn.convert_sync_batchnorm`, spelled like ``nn.SyncBatchNorm``'s."""
         from .convert import convert_sync_batchnorm
 
-        return convert_sync_batchnorm(module, process_group)
+        return convert_sync_batchnorm(module, process_group, **kwargs)
 
 
 def _validate_arguments(num_features, eps, momentum) -> None:
