@@ -9,7 +9,6 @@ from torch import nn
 from torch.testing import assert_close
 
 import syncbn
-import syncbn.function as sbfunction
 from syncbn import SyncBatchNorm, sync_batch_norm
 
 
@@ -33,36 +32,38 @@ def test_gradcheck_float64(run_ranks, world_size):
     assert run_ranks(_gradcheck_on_rank, world_size) == [True] * world_size
 
 
+def backend_collectives(fn) -> list[tuple[str, int]]:
+    """Run ``fn`` and return every collective the process group's backend ran: ``(name, number
+    of elements)`` from the profiler's ``gloo:``/``nccl:`` events, whichever Python path (our
+    helpers, ``torch.distributed`` itself, the process group object) issued them."""
+    with torch.profiler.profile(record_shapes=True) as profile:
+        fn()
+    return [
+        (event.name, int(torch.tensor(event.input_shapes[0]).prod()))
+        for event in profile.events()
+        if event.name.startswith(("gloo:", "nccl:"))
+    ]
+
+
 def _count_collectives(num_features: int, batch: int) -> dict:
-    sizes = []
-    real = sbfunction.all_reduce_sum
-
-    def spy(tensor, group):  # counts, then runs the real collective
-        sizes.append(tensor.numel())
-        return real(tensor, group)
-
-    sbfunction.all_reduce_sum = spy
-    try:
-        model = nn.Sequential(SyncBatchNorm(num_features), nn.ReLU(), SyncBatchNorm(num_features))
-        x = torch.randn(batch, num_features, 4, 4, requires_grad=True)
-        y = model(x)
-        forward = list(sizes)
-        y.sum().backward()
-        backward = sizes[len(forward) :]
-        model.eval()
-        sizes.clear()
-        model(x)
-        return {"forward": forward, "backward": backward, "eval": list(sizes)}
-    finally:
-        sbfunction.all_reduce_sum = real
+    model = nn.Sequential(SyncBatchNorm(num_features), nn.ReLU(), SyncBatchNorm(num_features))
+    x = torch.randn(batch, num_features, 4, 4, requires_grad=True)
+    outputs = []
+    forward = backend_collectives(lambda: outputs.append(model(x)))
+    backward = backend_collectives(lambda: outputs[0].sum().backward())
+    model.eval()
+    evaluation = backend_collectives(lambda: model(x))
+    return {"forward": forward, "backward": backward, "eval": evaluation}
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_one_collective_per_pass_independent_of_world_size(run_ranks, world_size):
+    """Counted on the process group itself: one all_reduce of 2C+2 values per layer forward,
+    one of 2C per layer backward, none in eval, whatever the world size."""
     channels = 5
     for counts in run_ranks(_count_collectives, world_size, channels, 2):
-        assert counts["forward"] == [2 * channels + 2] * 2  # one (2C+2) buffer per layer
-        assert counts["backward"] == [2 * channels] * 2  # one (2C) buffer per layer
+        assert counts["forward"] == [("gloo:all_reduce", 2 * channels + 2)] * 2
+        assert counts["backward"] == [("gloo:all_reduce", 2 * channels)] * 2
         assert counts["eval"] == []
 
 
