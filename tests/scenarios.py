@@ -33,6 +33,7 @@ class Case:
     kernels: str = "default"  # "standin": the CUDA branch on CPU (tests/cuda_standin.py)
     params: torch.dtype | None = None  # parameter dtype; default: float32, float64 for float64
     constant_channel: bool = False  # channel 0 holds one value on every rank
+    force_sync: bool = False  # the synchronized path even in a group of one rank (NCCL tests)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -127,6 +128,7 @@ def _run_sync_bn(case: Case) -> dict:
         device=device,
         dtype=case.param_dtype,
     )
+    bn._always_sync = case.force_sync
     _init_params(bn, case)
     record = {"steps": []}
     for step in range(case.steps):

@@ -127,10 +127,15 @@ def test_float64_far_from_zero_is_exact_once_the_running_mean_is_near(run_ranks,
     for load_mean in (True, False):
         results = run_ranks(_far_from_zero, 2, path, offset, load_mean)
         for step in range(2) if load_mean else [1]:  # a fresh layer: exact from step 2
-            x = torch.cat(
-                [torch.randn(5, 2, 3, generator=_gen_for(r, step), dtype=torch.float64)
-                 for r in range(2)]
-            ) + offset
+            x = (
+                torch.cat(
+                    [
+                        torch.randn(5, 2, 3, generator=_gen_for(r, step), dtype=torch.float64)
+                        for r in range(2)
+                    ]
+                )
+                + offset
+            )
             # nn.BatchNorm's two-pass statistics, in float64
             var, mean = torch.var_mean(x, [0, 2], correction=0, keepdim=True)
             expected = (x - mean) / torch.sqrt(var + 1e-5)
