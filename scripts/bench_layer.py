@@ -19,6 +19,14 @@ Each timing is the median over iterations of the slowest rank's time. Writes JSO
 table::
 
     python scripts/bench_layer.py --out results/bench_layer.json
+
+``--count-ops`` counts instead the operations one training forward+backward of a layer issues
+(top-level ATen ops, views and collectives not counted, with ``torch.profiler``) on 2 gloo ranks:
+this package's CPU path, its CUDA branch (run on CPU through ``tests/cuda_standin.py``, one op per
+CUDA kernel), ``torch.nn.SyncBatchNorm``'s autograd function through the same stand-in kernels,
+and local ``nn.BatchNorm2d``::
+
+    python scripts/bench_layer.py --count-ops --out results/op_counts.json
 """
 
 from __future__ import annotations
@@ -28,15 +36,17 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # differentiable all_reduce (naive SyncBN)
-from benchlib import machine, run_ranks
+from benchlib import machine, run_ranks, top_level_ops
 from torch import nn
 
 from syncbn import SyncBatchNorm
+from syncbn import kernels as sbkernels
 
 SHAPES = [(16, 64, 32, 32), (8, 32, 8, 8)]
 
@@ -140,6 +150,107 @@ def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
     dist.destroy_process_group()
 
 
+COUNT_SHAPE = (8, 32, 8, 8)
+
+
+class TorchSyncBatchNorm(nn.BatchNorm2d):
+    """``torch.nn.SyncBatchNorm``'s forward (its autograd function on the world group), usable on
+    CPU once ``torch.batch_norm_*`` are the stand-in kernels (the module itself refuses CPU)."""
+
+    def forward(self, x):
+        from torch.nn.modules._functions import SyncBatchNorm as TorchFunction
+
+        self.num_batches_tracked.add_(1)
+        return TorchFunction.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            self.momentum,
+            dist.group.WORLD,
+            dist.get_world_size(),
+        )
+
+
+def _use_standin_kernels() -> None:
+    """Route the CUDA branch (ours via the kernel override, torch's via ``torch.batch_norm_*``)
+    to the CPU model of the CUDA kernels."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tests import cuda_standin
+
+    sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
+    for name in (
+        "batch_norm_stats",
+        "batch_norm_gather_stats_with_counts",
+        "batch_norm_elemt",
+        "batch_norm_backward_reduce",
+        "batch_norm_backward_elemt",
+    ):
+        setattr(torch, name, getattr(cuda_standin, name))
+
+
+def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=120),
+    )
+    channels = COUNT_SHAPE[1]
+    variants = {
+        "syncbn (CPU path)": lambda: SyncBatchNorm(channels),
+        "syncbn (CUDA branch, stand-in kernels)": lambda: SyncBatchNorm(channels),
+        "torch.nn.SyncBatchNorm function (stand-in kernels)": lambda: TorchSyncBatchNorm(channels),
+        "nn.BatchNorm2d (local)": lambda: nn.BatchNorm2d(channels),
+        "naive SyncBN (autograd)": lambda: NaiveSyncBatchNorm(channels),
+    }
+    rows = []
+    for name, build in variants.items():
+        if "stand-in" in name:
+            _use_standin_kernels()
+        layer = build()
+        x = torch.randn(COUNT_SHAPE, requires_grad=True)
+        dy = torch.randn(COUNT_SHAPE)
+
+        def step(layer=layer, x=x, dy=dy):
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x).backward(dy)
+
+        for _ in range(3):  # warm caches (constants, ones) as a training loop would
+            step()
+        ops = top_level_ops(step)
+        rows.append({"variant": name, "ops": len(ops), "by_op": dict(Counter(ops).most_common())})
+    if rank == 0:
+        queue.put(rows)
+    dist.destroy_process_group()
+
+
+def count_ops(args) -> None:
+    rows = run_ranks(_count_rank, args.world_size, args)
+    report = {
+        **machine("cpu", args.world_size),
+        "shape": list(COUNT_SHAPE),
+        "what": "top-level ATen ops of one training forward+backward, views and collectives "
+        "excluded; standin:: = one CUDA kernel call",
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"ops per layer forward+backward, {COUNT_SHAPE}, {args.world_size} gloo ranks")
+    print("| variant | ops | by op |\n|---|---|---|")
+    for row in rows:
+        detail = ", ".join(f"{k.split('::')[1]} {v}" for k, v in row["by_op"].items())
+        print(f"| {row['variant']} | {row['ops']} | {detail} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,8 +260,18 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--out", default="results/bench_layer.json")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: results/bench_layer.json, or results/op_counts.json with --count-ops",
+    )
+    parser.add_argument("--count-ops", action="store_true", help="count ops instead of timing")
     args = parser.parse_args()
+    if args.count_ops:
+        args.out = args.out or "results/op_counts.json"
+        count_ops(args)
+        return
+    args.out = args.out or "results/bench_layer.json"
 
     rows = run_ranks(_bench_rank, args.world_size, args)
     report = {

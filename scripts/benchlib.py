@@ -41,3 +41,38 @@ def machine(device: str, world_size: int) -> dict:
         "world_size": world_size,
         "torch": torch.__version__,
     }
+
+
+# Ops that only make views or read metadata: no kernel, no copy. Not counted.
+VIEW_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "view alias as_strided detach expand narrow permute reshape _reshape_alias select slice "
+        "split split_with_sizes squeeze t transpose unbind unsqueeze lift_fresh resolve_conj "
+        "resolve_neg"
+    ).split()
+)
+
+
+def top_level_ops(fn) -> list[str]:
+    """Run ``fn`` under the profiler; return the names of the top-level ATen operations it
+    issued (an op called from inside another op is not counted; neither are views) and of the
+    stand-in CUDA kernels (``standin::``), each counted once per call. Collectives are left out:
+    every variant compared runs the same ones."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    counted = []
+    for event in profile.events():
+        if not event.name.startswith(("aten::", "standin::")) or event.name in VIEW_OPS:
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith(("aten::", "c10d::", "standin::")):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            counted.append(event.name)
+    return counted
