@@ -353,7 +353,9 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum,
         if maybe_empty:
             momentum = (count > 0).to(running_mean.dtype) * momentum
     if mean.dtype == running_mean.dtype:
-        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+        # A tensor weight must go in a list: as a lone argument it becomes a Scalar via .item().
+        weight = [momentum, momentum] if isinstance(momentum, Tensor) else momentum
+        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], weight)
     else:  # parameters in half precision: the statistics stay float32 until here
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)

@@ -156,3 +156,38 @@ def _device_side_checks(case: str) -> str:
 def test_device_side_checks(run_ranks, case, message):
     for error in run_ranks(_device_side_checks, 2, case):
         assert message in error, error
+
+
+HOST_READS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+
+
+def _host_reads(momentum, batch_sizes) -> list[str]:
+    """Ops of a training step of the CUDA branch that read a device value on the host (a sync on
+    a GPU: it would break CUDA graph capture), outside the stand-in kernels themselves and
+    ``torch._assert_async`` (a kernel on CUDA; on CPU it reads its argument)."""
+    sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
+    try:
+        bn = syncbn.SyncBatchNorm(4, momentum=momentum)
+        x = torch.randn(batch_sizes[dist.get_rank()], 4, 3, requires_grad=True)
+        for _ in range(2):  # the first call fills the caches (constants made once)
+            with torch.profiler.profile() as profile:
+                bn(x).sum().backward()
+        reads = []
+        for event in profile.events():
+            parent, in_kernel = event.cpu_parent, False
+            while parent is not None:
+                in_kernel = in_kernel or parent.name.startswith(
+                    ("standin::", "aten::_assert_async")
+                )
+                parent = parent.cpu_parent
+            if event.name in HOST_READS and not in_kernel:
+                reads.append(event.name)
+        return reads
+    finally:
+        sbkernels.override.kernels = None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("batch_sizes", [(3, 2), (0, 0), (0, 3), (1, 0)], ids=str)
+def test_cuda_branch_never_reads_a_value_on_the_host(run_ranks, momentum, batch_sizes):
+    assert run_ranks(_host_reads, 2, momentum, batch_sizes) == [[], []]
