@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command for a one-GPU machine (under 8 minutes on an H100):
+#   1. the GPU tests (tests/test_cuda.py: gloo ranks sharing cuda:0, a one-rank NCCL group,
+#      CUDA graphs, torch.compile) and the CUDA branch's CPU-model tests beside them;
+#   2. the GPU benchmark (scripts/bench_gpu.py: per-layer times, kernel launches, ResNet-50 step).
+# Needs only torch with CUDA, pytest and (for the ResNet-50 step) torchvision: no hydra, no wandb.
+# Writes results/gpu/{env.json,tests.log,tests.xml,bench_gpu.json,bench.log} (OUT=dir to change)
+# and prints a short table last. Exit code: non-zero when a test failed or the benchmark broke.
+#
+#   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-results/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+PY="${PYTHON:-python3}"
+
+"$PY" - "$OUT/env.json" <<'EOF'
+import json, sys, torch
+info = {
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda,
+    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+}
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print("gpu_check:", info)
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh expected a CUDA GPU (got none)")
+EOF
+[ $? -eq 0 ] || exit 2
+
+started=$(date +%s)
+timeout 330 "$PY" -m pytest tests/test_cuda.py tests/test_cuda_branch.py -q -rs \
+    -p no:cacheprovider -o addopts="" --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+tests_rc=${PIPESTATUS[0]}
+timeout 240 "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo
+echo "================ gpu_check summary ($(($(date +%s) - started)) s) ================"
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/tests.log" | tail -1
+"$PY" - "$OUT/bench_gpu.json" <<'EOF'
+import json, os, sys
+if not os.path.exists(sys.argv[1]):
+    sys.exit("no benchmark results")
+r = json.load(open(sys.argv[1]))
+print(f"{r['device_name']}, torch {r['torch']}, {r['date']}")
+print("| config | shape | syncbn own / cuDNN BN | syncbn / torch SyncBN | kernels ours/torch/cuDNN |")
+for row in r["layers"]:
+    print(f"| {row['config']} | {tuple(row['shape'])} | {row['syncbn_own_over_cudnn']:.2f} "
+          f"| {row['syncbn_over_torch_syncbn']:.2f} | {row['syncbn_kernels']}/"
+          f"{row['torch_syncbn_kernels']}/{row['cudnn_bn_kernels']} |")
+steps = r["resnet50_step"]
+if isinstance(steps, str):
+    print("ResNet-50 step:", steps)
+else:
+    for s in steps:
+        print(f"ResNet-50 step ({s['batch']} images, bf16 autocast) {s['norm']}: "
+              f"eager {s['eager_ms']:.1f} ms, CUDA graph {s['graphed_ms']}")
+EOF
+echo "tests exit $tests_rc, benchmark exit $bench_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
