@@ -93,6 +93,7 @@ def _compile_scenarios() -> dict:
     return {
         "cnn": _eager_and_compiled(_cnn, images),
         "mlp_with_empty_rank": _eager_and_compiled(_mlp, vectors),
+        "inputs": {"cnn": images, "mlp_with_empty_rank": vectors},
     }
 
 
@@ -116,3 +117,42 @@ def test_compiled_training_actually_synchronized(compiled_records):
         rank0, rank1 = (record[scenario][1]["buffers"] for record in compiled_records)
         assert_close(rank0[0], rank1[0], msg=f"{scenario}: running_mean differs across ranks")
         assert_close(rank0[1], rank1[1], msg=f"{scenario}: running_var differs across ranks")
+
+
+def _reference(build, per_rank_batches: list[list[torch.Tensor]]) -> dict:
+    """The same model with nn.BatchNorm, trained in one process on each step's concatenated
+    batch (the loss summed over ranks' shares, as the ranks' all-reduced gradients are)."""
+    torch.manual_seed(0)
+    model = syncbn.revert_sync_batchnorm(build())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    record = {"outputs": [], "grads": []}
+    for step in range(2):
+        x = torch.cat([batches[step] for batches in per_rank_batches]).requires_grad_()
+        y = model(x)
+        (y.square().sum() / 7).backward()
+        record["outputs"].append(y.detach())
+        record["grads"].append([x.grad] + [p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    record["buffers"] = [b.clone() for b in model.buffers()]
+    model.eval()
+    with torch.no_grad():
+        record["eval"] = [model(batches[0]) for batches in per_rank_batches]
+    return record
+
+
+@pytest.mark.parametrize("scenario, build", [("cnn", _cnn), ("mlp_with_empty_rank", _mlp)])
+def test_compiled_matches_batchnorm_on_the_concatenated_batch(compiled_records, scenario, build):
+    """An independent reference for the compiled runs: nn.BatchNorm in one process."""
+    reference = _reference(build, [r["inputs"][scenario] for r in compiled_records])
+    compiled = [r[scenario][1] for r in compiled_records]
+    for step in range(2):
+        got = torch.cat([c["outputs"][step] for c in compiled])
+        assert_close(got, reference["outputs"][step], **FLOAT32, msg=f"outputs, step {step}")
+        x_grad = torch.cat([c["grads"][step][0] for c in compiled])
+        assert_close(x_grad, reference["grads"][step][0], **FLOAT32, msg=f"input grad {step}")
+        for c in compiled:  # parameter gradients were all-reduced: every rank holds the total
+            assert_close(c["grads"][step][1:], reference["grads"][step][1:], **FLOAT32)
+    for rank, c in enumerate(compiled):
+        assert_close(c["buffers"], reference["buffers"], **FLOAT32, msg=f"buffers, rank {rank}")
+        assert_close(c["eval"], reference["eval"][rank], **FLOAT32, msg=f"eval, rank {rank}")

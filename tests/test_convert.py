@@ -489,3 +489,39 @@ def test_parametrized_layer_is_refused():
     nn.utils.parametrize.register_parametrization(model[0], "weight", nn.Identity())
     with pytest.raises(ValueError, match=r"parametrized ones in '0'"):
         convert_sync_batchnorm(model)
+
+
+def _converted_into_groups_of_two() -> dict:
+    """4 ranks, groups of 2: convert with the group, train one step, report what each layer
+    holds. Rank r's data have mean r, so the pairs' statistics differ."""
+    import torch.distributed as dist
+
+    import syncbn
+
+    rank = dist.get_rank()
+    group = syncbn.new_sync_group(2)
+    model = convert_sync_batchnorm(
+        nn.Sequential(nn.BatchNorm1d(3, momentum=1.0), nn.Sequential(nn.BatchNorm2d(3))),
+        process_group=group,
+    )
+    gen = torch.Generator().manual_seed(rank)
+    model[0](torch.randn(8, 3, generator=gen, dtype=torch.float32) + rank)
+    layers = [m for m in model.modules() if isinstance(m, SyncBatchNorm)]
+    inputs = [torch.randn(8, 3, generator=torch.Generator().manual_seed(r)) + r for r in range(4)]
+    return {
+        "groups_kept": [layer.process_group is group for layer in layers],
+        "running_mean": model[0].running_mean.clone(),
+        "inputs": inputs,
+    }
+
+
+def test_convert_keeps_the_process_group(run_ranks):
+    """Every converted layer syncs over the group it was given (ranks {0,1} and {2,3}), not the
+    world: each pair's running mean is its own pair's batch mean."""
+    results = run_ranks(_converted_into_groups_of_two, 4)
+    inputs = results[0]["inputs"]
+    for rank, result in enumerate(results):
+        assert result["groups_kept"] == [True, True]
+        pair = 0 if rank < 2 else 2
+        expected = torch.cat(inputs[pair : pair + 2]).mean(0)
+        assert_close(result["running_mean"], expected)

@@ -123,3 +123,77 @@ def test_environment_flags(monkeypatch, env):
     layer = SyncBatchNorm(2)
     assert layer.debug == layer.check_finite == (env in ("1", "true"))
     assert SyncBatchNorm(2, debug=False).debug is False
+
+
+def _same_name_different_width() -> str:
+    """Two layers that share a name but not a width: the fingerprint must compare widths, or
+    the collectives of different sizes meet (gloo then aborts the process)."""
+    width = 3 if dist.get_rank() == 0 else 4
+    layer = SyncBatchNorm(width, debug=True)
+    layer.layer_name = "shared.name"
+    return _expect_error(lambda: layer(torch.randn(2, width)))
+
+
+def test_debug_fingerprint_compares_channel_counts(run_ranks):
+    for error in run_ranks(_same_name_different_width, 2):
+        assert "rank 0: forward of layer 'shared.name' (3 channels" in error, error
+        assert "rank 1: forward of layer 'shared.name' (4 channels" in error, error
+
+
+def _backward_order_differs() -> str:
+    """Forwards agree, backwards do not: rank 0 backpropagates through 'a' first, rank 1 through
+    'b'. Both layers have the same width, so without a check before the backward collective the
+    two layers' gradient sums would be silently swapped between ranks."""
+    model = syncbn.convert_sync_batchnorm(
+        nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)})
+    )
+    for layer in model.values():
+        layer.debug = True
+    x = torch.randn(4, 3, requires_grad=True)
+    outputs = {"a": model["a"](x), "b": model["b"](x)}
+    first, second = ("a", "b") if dist.get_rank() == 0 else ("b", "a")
+
+    def backward():
+        outputs[first].square().sum().backward()
+        outputs[second].square().sum().backward()
+
+    return _expect_error(backward)
+
+
+def test_debug_mode_checks_before_the_backward_collective(run_ranks):
+    errors = run_ranks(_backward_order_differs, 2)
+    for error in errors:
+        assert "rank 0: backward of layer 'a'" in error, error
+        assert "rank 1: backward of layer 'b'" in error, error
+
+
+def _groups_run_different_layers() -> str:
+    """Groups of 2 on 4 ranks: ranks {0, 1} run 'a', ranks {2, 3} run 'b'. Each group agrees
+    with itself, so the fingerprint, gathered over the layer's group, finds nothing wrong."""
+    group = syncbn.new_sync_group(2)
+    model = syncbn.convert_sync_batchnorm(
+        nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)}), process_group=group
+    )
+    for layer in model.values():
+        layer.debug = True
+    name = "a" if dist.get_rank() < 2 else "b"
+    return _expect_error(lambda: model[name](torch.randn(4, 3)).sum().backward())
+
+
+def test_debug_fingerprint_is_gathered_over_the_layers_group(run_ranks):
+    assert run_ranks(_groups_run_different_layers, 4) == ["no error"] * 4
+
+
+def _infinite_variance() -> str:
+    """float64 values of +-1e200: a finite mean (0) but an infinite variance (1e400)."""
+    layer = SyncBatchNorm(2, check_finite=True, dtype=torch.float64)
+    layer.layer_name = "huge"
+    x = torch.randn(4, 2, dtype=torch.float64)
+    x[:, 1] = torch.tensor([1e200, -1e200, 1e200, -1e200], dtype=torch.float64)
+    return _expect_error(lambda: layer(x))
+
+
+def test_check_finite_checks_the_variance_too(run_ranks):
+    for error in run_ranks(_infinite_variance, 2):
+        assert error.startswith("FloatingPointError: SyncBatchNorm expected finite batch"), error
+        assert "'huge'" in error and "channels [1]" in error

@@ -12,24 +12,36 @@ import syncbn
 from syncbn import SyncBatchNorm, sync_batch_norm
 
 
-def _gradcheck_on_rank() -> bool:
-    """Every rank holds the *same* input, and gradcheck perturbs all ranks in lockstep: the
+def _gradcheck_on_rank(path: str) -> bool:
+    r"""Every rank holds the *same* input, and gradcheck perturbs all ranks in lockstep: the
     function checked is x -> SyncBN([x; x; ...])[this rank], whose Jacobian the synchronized
-    backward must produce (the backward all-reduce sums every rank's upstream gradient)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    backward must produce (the backward all-reduce sums every rank's upstream gradient).
 
-    def fn(x, w, b):
-        return sync_batch_norm(x, w, b, 1e-5, None)[0]
+    ``eps`` is large next to the variance of the input, so that a backward that gets
+    :math:`\epsilon` wrong (say, uses ``2 * eps``) is far outside the tolerance."""
+    from syncbn import kernels as sbkernels
+    from tests import cuda_standin
 
-    return torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
+    if path == "cuda_branch":
+        sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = (0.5 * torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+        w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        b = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+
+        def fn(x, w, b):
+            return sync_batch_norm(x, w, b, 0.3, None)[0]
+
+        return torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-9, rtol=1e-6)
+    finally:
+        sbkernels.override.kernels = None
 
 
+@pytest.mark.parametrize("path", ["cpu", "cuda_branch"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_gradcheck_float64(run_ranks, world_size):
-    assert run_ranks(_gradcheck_on_rank, world_size) == [True] * world_size
+def test_gradcheck_float64(run_ranks, world_size, path):
+    assert run_ranks(_gradcheck_on_rank, world_size, path) == [True] * world_size
 
 
 def backend_collectives(fn) -> list[tuple[str, int]]:

@@ -117,16 +117,20 @@ def test_masked_syncbn_equals_batchnorm_on_real_elements(run_ranks, batch_sizes,
 
 
 def test_mask_broadcasts_and_may_carry_a_channel_axis():
+    """Each spelling of the same mask gives nn.BatchNorm1d on the real rows, and zeros elsewhere."""
     torch.manual_seed(0)
-    layer = syncbn.SyncBatchNorm(C).double()
     x = torch.randn(4, C, 5, dtype=torch.float64)
     keep = torch.tensor([True, False, True, True])
     full = keep[:, None].expand(4, 5)
-    expected = layer(x, full)
-    layer.running_mean.zero_(), layer.running_var.fill_(1), layer.num_batches_tracked.zero_()
-    assert_close(layer(x, keep[:, None]), expected)  # (N, 1): whole samples in or out
-    layer.running_mean.zero_(), layer.running_var.fill_(1), layer.num_batches_tracked.zero_()
-    assert_close(layer(x, full[:, None]), expected)  # (N, 1, L)
+    reference = torch.nn.BatchNorm1d(C, dtype=torch.float64)
+    expected_rows = reference(x.movedim(1, -1)[full])  # (M, C)
+    for mask in (full, keep[:, None], full[:, None]):  # (N, L), (N, 1), (N, 1, L)
+        layer = syncbn.SyncBatchNorm(C).double()
+        y = layer(x, mask)
+        assert_close(y.movedim(1, -1)[full], expected_rows)
+        assert torch.count_nonzero(y.movedim(1, -1)[~full]) == 0
+        assert_close(layer.running_mean, reference.running_mean)
+        assert_close(layer.running_var, reference.running_var)
 
 
 @pytest.mark.parametrize(

@@ -72,14 +72,26 @@ def test_drift_and_global_count_equal_direct_computation(run_ranks, batch_sizes)
         assert r["summary"].startswith(f"bn telemetry: 2 layers, global batch {count:.0f}-")
 
 
-def test_a_single_process_has_no_drift():
-    model = _model()
-    telemetry = syncbn.BNTelemetry(model)
+def _telemetry_in_groups_of_one() -> dict:
+    """2 ranks whose layers each sync over a group of one: the normalization batch is the local
+    batch, so the drift against it is zero and the global count is the local one (a telemetry
+    that pooled over the world would see the other rank's batch, offset by one unit)."""
+    rank = dist.get_rank()
+    group = syncbn.new_sync_group(1)
+    model = syncbn.convert_sync_batchnorm(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)), group
+    ).double()
+    telemetry = syncbn.BNTelemetry(model, process_group=group)
     telemetry.arm()
-    model(_batch(0, 6))
-    metrics = telemetry.collect()
-    assert metrics["bn/0/global_count"] == 6 * 4
-    assert metrics["bn/mean_drift"] == 0 and metrics["bn/var_drift"] == 0
+    model(_batch(rank, 6))
+    return telemetry.collect()
+
+
+def test_drift_is_measured_against_the_layers_own_group(run_ranks):
+    for metrics in run_ranks(_telemetry_in_groups_of_one, 2):
+        assert metrics["bn/0/global_count"] == 6 * 4
+        assert metrics["bn/mean_drift"] == pytest.approx(0, abs=1e-12)
+        assert metrics["bn/var_drift"] == pytest.approx(0, abs=1e-12)
 
 
 def test_eval_forwards_are_not_recorded():
