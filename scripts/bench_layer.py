@@ -5,9 +5,9 @@ run, for each shape:
 
 - ``syncbn``: this package's SyncBatchNorm;
 - ``local_bn``: ``nn.BatchNorm2d`` with no communication;
-- ``all_reduce``: one all_reduce of 2C+1 floats, alone; the floor is ``local_bn + 2 x all_reduce``
-  (SyncBN can do no better than local BN plus its two collectives);
-- ``local_bn_2ar``: local BN that also issues two 2C+1 all_reduces where any SyncBN must (one
+- ``all_reduce``: SyncBN's two all_reduces (2C+2 float64, 2C float32), alone, back to back; the
+  floor is ``local_bn + all_reduce`` (SyncBN can do no better than local BN plus its collectives);
+- ``local_bn_2ar``: local BN that also issues SyncBN's two all_reduces where any SyncBN must (one
   after the forward statistics, one in backward): the floor *in situ*. On gloo an all_reduce that
   follows computation costs more than one right after a barrier (its threads must wake), so this
   is the floor a real layer can reach;
@@ -67,14 +67,16 @@ class NaiveSyncBatchNorm(nn.BatchNorm2d):
 
 
 class LocalBatchNormWithCollectives(nn.BatchNorm2d):
-    """Local BN plus the two collectives of a SyncBN, issued where SyncBN issues them."""
+    """Local BN plus the two collectives of our SyncBN, of their sizes and dtypes, issued where
+    SyncBN issues them: 2C+2 float64 after the forward statistics, 2C float32 in backward."""
 
     def forward(self, x):
         y = super().forward(x)
-        buffer = torch.empty(2 * self.num_features + 1, device=x.device)
-        dist.all_reduce(buffer)
+        forward = torch.zeros(2 * self.num_features + 2, dtype=torch.float64, device=x.device)
+        dist.all_reduce(forward)
         if y.requires_grad:
-            y.register_hook(lambda grad: (dist.all_reduce(buffer), grad)[1])
+            backward = torch.zeros(2 * self.num_features, device=x.device)
+            y.register_hook(lambda grad: (dist.all_reduce(backward), grad)[1])
         return y
 
 
@@ -134,11 +136,15 @@ def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
         row = {"shape": list(shape)}
         for name, layer in layers.items():
             row[name] = _time(_layer_step(layer, x, dy), args.iters, args.warmup, device)
-        buffer = torch.randn(2 * channels + 1, device=device)
+        forward = torch.randn(2 * channels + 2, dtype=torch.float64, device=device)
+        backward = torch.randn(2 * channels, device=device)
         row["all_reduce"] = _time(
-            lambda b=buffer: dist.all_reduce(b), args.iters, args.warmup, device
+            lambda f=forward, b=backward: (dist.all_reduce(f), dist.all_reduce(b)),
+            args.iters,
+            args.warmup,
+            device,
         )
-        row["floor"] = row["local_bn"] + 2 * row["all_reduce"]
+        row["floor"] = row["local_bn"] + row["all_reduce"]
         row["syncbn_over_floor"] = row["syncbn"] / row["floor"]
         row["syncbn_over_naive"] = row["syncbn"] / row["naive"]
         row["syncbn_over_floor_in_situ"] = row["syncbn"] / row["local_bn_2ar"]

@@ -81,12 +81,12 @@ def _peak_memory_mib(device: torch.device) -> float | None:
 
 
 def _issue_collectives_where_syncbn_does(model: torch.nn.Module) -> None:
-    """Local BN that also all-reduces 2C+1 float64 after each BN forward and 2C float32 in its
+    """Local BN that also all-reduces 2C+2 float64 after each BN forward and 2C float32 in its
     backward, blocking, where SyncBN must: the communication floor of SyncBN *in situ*."""
 
     def after_forward(module, inputs, output):
         c = module.num_features
-        dist.all_reduce(torch.zeros(2 * c + 1, dtype=torch.float64, device=output.device))
+        dist.all_reduce(torch.zeros(2 * c + 2, dtype=torch.float64, device=output.device))
         if output.requires_grad:
             output.register_hook(
                 lambda grad: dist.all_reduce(torch.zeros(2 * c, device=grad.device))
@@ -260,7 +260,7 @@ def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
 def communication_table(channels: list[int], parameters: int) -> list[dict]:
     """Per training step and rank, for each world size: collectives and bytes sent (ring costs).
 
-    Ours: forward all_reduce of 2C+1 float64, backward all_reduce of 2C float32, per layer.
+    Ours: forward all_reduce of 2C+2 float64, backward all_reduce of 2C float32, per layer.
     torch.nn.SyncBatchNorm: forward all_gather of (2C+1) float32 from each of W ranks (it
     gathers mean, invstd and count), backward all_reduce of 2C float32, per layer.
     DDP's gradient all_reduce (float32, every parameter) is listed for scale; it is the same for
@@ -269,7 +269,7 @@ def communication_table(channels: list[int], parameters: int) -> list[dict]:
     rows = []
     for w in WORLD_SIZES:
         ring_reduce = 2 * (w - 1) / w
-        ours = sum(ring_reduce * ((2 * c + 1) * 8 + 2 * c * 4) for c in channels)
+        ours = sum(ring_reduce * ((2 * c + 2) * 8 + 2 * c * 4) for c in channels)
         torch_fwd = sum((w - 1) * (2 * c + 1) * 4 for c in channels)
         torch_bwd = sum(ring_reduce * 2 * c * 4 for c in channels)
         rows.append(
