@@ -94,7 +94,29 @@ def _compile_scenarios() -> dict:
         "cnn": _eager_and_compiled(_cnn, images),
         "mlp_with_empty_rank": _eager_and_compiled(_mlp, vectors),
         "inputs": {"cnn": images, "mlp_with_empty_rank": vectors},
+        "empty_global_batch": _compiled_empty_global_batch(),
     }
+
+
+def _compiled_empty_global_batch() -> dict:
+    """Every rank empty, compiled with fullgraph=True: then a real step on the same layer."""
+    torch.manual_seed(0)
+    bn = syncbn.SyncBatchNorm(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+    before = [bn.running_mean.clone(), bn.running_var.clone()]
+    compiled = torch.compile(bn, fullgraph=True)
+    y = compiled(torch.zeros(0, 4, requires_grad=True))
+    y.sum().backward()
+    record = {
+        "shape": tuple(y.shape),
+        "before": before,
+        "after": [bn.running_mean.clone(), bn.running_var.clone()],
+        "grads": [bn.weight.grad.clone(), bn.bias.grad.clone()],
+    }
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    compiled(torch.randn(3, 4, generator=gen)).sum().backward()
+    return {**record, "running_mean": bn.running_mean.clone()}
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +178,14 @@ def test_compiled_matches_batchnorm_on_the_concatenated_batch(compiled_records, 
     for rank, c in enumerate(compiled):
         assert_close(c["buffers"], reference["buffers"], **FLOAT32, msg=f"buffers, rank {rank}")
         assert_close(c["eval"], reference["eval"][rank], **FLOAT32, msg=f"eval, rank {rank}")
+
+
+def test_empty_global_batch_compiles_and_leaves_running_stats(compiled_records):
+    """Every rank empty under torch.compile: an empty output, running statistics untouched,
+    zero parameter gradients (as nn.BatchNorm), and the next real step still synchronizes."""
+    records = [r["empty_global_batch"] for r in compiled_records]
+    for r in records:
+        assert r["shape"] == (0, 4)
+        assert_close(r["after"], r["before"], rtol=0, atol=0)
+        assert_close(r["grads"], [torch.zeros(4), torch.zeros(4)], rtol=0, atol=0)
+    assert_close(records[0]["running_mean"], records[1]["running_mean"])
