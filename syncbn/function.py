@@ -187,28 +187,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     dy, x, mean, invstd, weight, need_weight
                 )
             else:  # zero gradients (not None: DDP waits for every parameter's gradient)
-                sum_dy = sum_dy_xmu = grad_weight = grad_bias = _empty_sum(dy, mean.dtype)
+                sum_dy = sum_dy_xmu = grad_weight = _empty_sum(dy, mean.dtype)
+                grad_bias = grad_weight.clone()  # not the same tensor as the weight's
 
+            # (C,), (C,) -> (2C,): the backward's one collective. Every rank runs it whenever
+            # the layer's backward runs, even one that needs no input gradient (an empty input
+            # made without grad on one rank, next to inputs with grad on the others): a rank
+            # that skipped it would leave the others waiting.
+            spec = ctx.spec
+            if spec.debug and not torch.compiler.is_compiling():
+                sbdebug.check_same_call(
+                    spec.layer_name,
+                    sum_dy.numel(),
+                    sum_dy.dtype,
+                    "backward",
+                    spec.group,
+                    sum_dy.device,
+                )
+            sums = _reduce(
+                torch.cat([sum_dy, sum_dy_xmu]), spec.group, spec.layer_name, "backward"
+            ).view(2, -1)
             grad_input = None
-            if need_input:
-                # (C,), (C,) -> (2C,): the backward's one collective.
-                spec = ctx.spec
-                if spec.debug and not torch.compiler.is_compiling():
-                    sbdebug.check_same_call(
-                        spec.layer_name,
-                        sum_dy.numel(),
-                        sum_dy.dtype,
-                        "backward",
-                        spec.group,
-                        sum_dy.device,
-                    )
-                sums = _reduce(
-                    torch.cat([sum_dy, sum_dy_xmu]), spec.group, spec.layer_name, "backward"
-                ).view(2, -1)
-                if x.numel() > 0:
-                    grad_input = kernels.grad_input(dy, x, mean, invstd, weight, sums, count)
-                else:
-                    grad_input = _empty_result(x, sums[0])
+            if need_input and x.numel() > 0:
+                grad_input = kernels.grad_input(dy, x, mean, invstd, weight, sums, count)
+            elif need_input:
+                grad_input = _empty_result(x, sums[0])
 
             grad_weight = _as(grad_weight, weight) if need_weight else None
             grad_bias = _as(grad_bias, weight) if need_bias else None

@@ -186,3 +186,26 @@ def test_groups_that_each_agree_may_run_different_layers(run_ranks):
     """The signature is checked within each layer's group: groups of 2 on 4 ranks running the
     layers in different orders are fine."""
     assert run_ranks(_mixed_layers, 4, "cpu", 2) == ["no error"] * 4
+
+
+def _empty_rank_input_without_grad(path: str) -> dict:
+    """A detector head: rank 1 has no proposals and builds its empty input from nothing (no
+    grad), rank 0's input comes from a layer (grad). The layer's weight needs a gradient on both,
+    so both run its backward; both must run the backward collective, or rank 0 waits forever."""
+    with _path(path):
+        rank = dist.get_rank()
+        torch.manual_seed(0)
+        conv, bn = nn.Linear(3, 3), syncbn.SyncBatchNorm(3)
+        if rank == 0:
+            x = conv(torch.randn(5, 3))
+        else:
+            x = torch.zeros(0, 3)  # requires_grad=False
+        bn(x).square().sum().backward()
+        return {"weight_grad": bn.weight.grad.clone()}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ranks_may_disagree_about_the_input_needing_a_gradient(run_ranks, path):
+    results = run_ranks(_empty_rank_input_without_grad, 2, path, timeout=20)
+    assert_close(results[1]["weight_grad"], torch.zeros(3), rtol=0, atol=0)
+    assert results[0]["weight_grad"].abs().sum() > 0
