@@ -59,11 +59,13 @@ class Launch:
             text=True,
         )
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() when each line arrived
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for line in self.process.stdout:
+            self.times.append(time.monotonic())
             self.lines.append(line)
 
     @property
@@ -73,6 +75,7 @@ class Launch:
     def wait(self, timeout: float = 180) -> int:
         try:
             code = self.process.wait(timeout=timeout)
+            self.ended = time.monotonic()
         except subprocess.TimeoutExpired:
             self.kill()
             message = f"{' '.join(self.cmd)} did not end:\n{self.output[-4000:]}"

@@ -5,11 +5,14 @@
 
 1. a probe: one HTTP request to the server (W&B's ``base_url``) with that timeout. No answer
    (a closed port, a firewall that drops packets, a server that accepts and never replies)
-   means no online attempt at all. Without the probe, ``wandb.init`` itself gives up after its
-   ``init_timeout`` but its analytics then try to report the failure to the same dead server
-   when the process exits, which held the exit ~20 s (measured with wandb 0.31).
+   means no online attempt at all.
 2. ``wandb.init(settings=wandb.Settings(init_timeout=...))`` for a server that answers the probe
-   but not W&B's API.
+   but not W&B's API; the failed run is then torn down (``wandb.teardown``) so that the offline
+   run can take its id.
+
+W&B also reports its own errors (a failed start included) to the same server when the process
+exits; during an outage that held the exit ~20 s (wandb 0.31, measured), so online mode sets
+``WANDB_ERROR_REPORTING=false`` unless the environment already sets it.
 
 Either way the run logs offline into ``run_dir/wandb`` instead (``wandb sync`` uploads it later)
 with one warning, and training goes on. The other ranks wait for rank 0 meanwhile, which is why
@@ -48,6 +51,10 @@ class WandbLogger:
         mode = str(cfg.mode)
         budget = float(cfg.init_timeout_s)  # for the probe and wandb.init together
         if mode == "online":
+            # W&B reports its own errors (a failed start included) to the same server when the
+            # process exits; during an outage that held the exit ~20 s (wandb 0.31, measured).
+            # WANDB_ERROR_REPORTING=true in the environment keeps the reports.
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
             url = wandb.setup().settings.base_url
             started = time.monotonic()
             problem = probe(url, budget)
@@ -76,6 +83,7 @@ class WandbLogger:
             )
             mode = "offline"
             try:
+                wandb.teardown()  # forget the failed online run ("run ID ... is in use")
                 self.run = _init(wandb, cfg, mode, run_dir, config, budget)
             except Exception as error2:  # noqa: BLE001
                 log.warning("W&B disabled: offline wandb.init failed too (%s)", error2)
