@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -495,9 +496,16 @@ def _finish(r: Run, val: dict) -> dict:
         train = evaluate(r.net, loader, r.env)
         metrics |= {"train_acc": train["acc"], "train_loss": train["loss"]}
     if r.env.is_main:
-        (r.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _write_json(r.run_dir / "metrics.json", metrics)
     r.logger.log({"final/val_acc": val["acc"], "final/val_loss": val["loss"]}, r.state.step)
     return metrics
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: a reader (or a kill mid-write) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def _metrics(r: Run, val: dict) -> dict:
@@ -554,7 +562,7 @@ def _evaluate_checkpoint(cfg, env: DistEnv) -> RunResult:
         "eval_only": True,
     }
     if env.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _write_json(run_dir / "metrics.json", metrics)
         log.info(
             "evaluated %s (step %d) on %d ranks: val_acc %.4f val_loss %.4f over %d samples",
             path,
