@@ -108,6 +108,8 @@ def test_workers_of_a_sigkilled_agent_checkpoint_and_exit_and_a_relaunch_resumes
     agent.wait()
     wait_for(lambda: not any(alive(w) for w in workers), "the orphaned workers to exit", 60)
     output = agent.output  # the workers wrote to the agent's pipe until they exited
-    assert output.count("is gone: checkpointing and exiting") == 2, output[-4000:]
+    # The first watcher to notice (0.25 s polls) stops both ranks through the agreed stop, often
+    # before the other rank's watcher looks again.
+    assert "is gone: checkpointing and exiting" in output, output[-4000:]
     record = _assert_preempted(run_dir)
     _resume_and_compare(run_dir, uninterrupted, record)

@@ -54,10 +54,15 @@ class _Unavailable(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # do not wait for clients' idle keep-alive connections on close
+    block_on_close = False
+
+
 @pytest.fixture
 def unavailable_server():
     """Answers every HTTP request at once, with 503 Service Unavailable."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    server = _Server(("127.0.0.1", 0), _Unavailable)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -6,9 +6,8 @@ only sets a flag here; it is the training loop that acts on it, at a step bounda
 ranks at once: each rank's flag rides as one more value in the loss all-reduce that every step
 does anyway, so the ranks agree on "someone was asked to stop" with no extra collective and no
 extra host sync. The loop then writes a checkpoint, flushes W&B and exits with
-:data:`EXIT_PREEMPTED`.
+75 (``exit_codes.PREEMPTED``).
 
-The exit codes are in :mod:`syncbn.training.exit_codes`.
 """
 
 from __future__ import annotations
