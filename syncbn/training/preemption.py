@@ -7,7 +7,6 @@ ranks at once: each rank's flag rides as one more value in the loss all-reduce t
 does anyway, so the ranks agree on "someone was asked to stop" with no extra collective and no
 extra host sync. The loop then writes a checkpoint, flushes W&B and exits with
 75 (``exit_codes.PREEMPTED``).
-
 """
 
 from __future__ import annotations
