@@ -93,12 +93,11 @@ def test_sigusr1_to_one_worker_stops_both_at_one_step_and_torchrun_restarts_them
     assert resumed["train_loss_history"] == uninterrupted["train_loss_history"]
 
 
-def test_workers_of_a_sigkilled_agent_checkpoint_and_exit_and_a_relaunch_resumes(
-    tmp_path, uninterrupted
-):
+def test_workers_of_a_sigkilled_agent_checkpoint_and_exit(tmp_path):
     """SIGKILL of torchrun used to leave its workers training to the end (and racing the
     relaunch for the run directory). Now they notice their parent is gone, stop at a step
-    boundary with a checkpoint and exit."""
+    boundary with a checkpoint and exit 75. (The relaunch from such a checkpoint: the SIGTERM
+    test above; two writers in one directory: test_checkpoints.py.)"""
     run_dir = tmp_path / "run"
     agent = _start(run_dir)
     _wait_for_checkpoint(run_dir, agent)
@@ -111,5 +110,4 @@ def test_workers_of_a_sigkilled_agent_checkpoint_and_exit_and_a_relaunch_resumes
     # The first watcher to notice (0.25 s polls) stops both ranks through the agreed stop, often
     # before the other rank's watcher looks again.
     assert "is gone: checkpointing and exiting" in output, output[-4000:]
-    record = _assert_preempted(run_dir)
-    _resume_and_compare(run_dir, uninterrupted, record)
+    _assert_preempted(run_dir)
