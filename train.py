@@ -12,27 +12,52 @@ Several machines (run on each node, same --rdzv-id)::
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \
         --rdzv-endpoint=HOST:29500 --rdzv-id=JOB train.py hydra.run.dir=runs/JOB
+
+Exit codes (``syncbn/training/exit_codes.py``): 0 finished, 1 crashed, 65 stopped on a
+non-finite loss, 75 preempted (checkpoint written: relaunch to resume), 78 bad configuration.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from syncbn.training import run
+from syncbn.training import exit_codes, run, schema
+from syncbn.training.config_checks import ConfigError
+
+schema.register()  # the types of conf/'s groups, before Hydra composes them
+_started = False  # whether Hydra composed the config and called main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @record  # a failing rank's traceback goes to torchrun's error file and its failure summary
 def main(cfg: DictConfig) -> float:
-    if int(os.environ.get("RANK", "0")) != 0:
+    global _started
+    _started = True
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # only rank 0 talks
-    return run(cfg)["val_acc"]  # returned for Hydra sweepers
+    try:
+        result = run(cfg)
+    except ConfigError as error:  # one message per rank, no traceback
+        print(f"train.py{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
+        sys.exit(exit_codes.CONFIG)
+    if result.exit_code != exit_codes.OK:
+        sys.exit(result.exit_code)
+    return result.metrics["val_acc"]  # returned for Hydra sweepers
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as exit_:
+        # Hydra prints a composition error (a wrong type or choice, an unknown key) naming the
+        # key and exits 1 before main runs: that is a configuration error too.
+        if exit_.code == 1 and not _started:
+            sys.exit(exit_codes.CONFIG)
+        raise

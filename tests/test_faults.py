@@ -1,12 +1,12 @@
-"""Faults injected for real: a worker SIGKILLed under torchrun --max-restarts, a checkpoint write
-killed halfway, two simulated nodes on loopback, and a 4-rank soak with empty batches."""
+"""Faults injected for real: a worker SIGKILLed under torchrun --max-restarts, two simulated nodes
+on loopback, SLURM stand-ins, and a 4-rank soak with empty batches. (Preemption, killed agents
+and resume policy: test_preemption.py, test_resume.py; checkpoint writes: test_checkpoints.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,29 +23,18 @@ from torch import nn
 import syncbn
 from syncbn.training import checkpoint
 from syncbn.training.env import attempt_store
-from tests.test_training import QUIET, ROOT, _env, train
+from tests.launch import QUIET, ROOT, Launch, children, free_port, reference_run, status, wait_for
+from tests.launch import env as _env
 
 pytestmark = pytest.mark.slow
 
 JOB = ["trainer.epochs=4", "trainer.batch_size=32", "norm=syncbn", "seed=5"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_rank_run(tmp_path_factory):
-    """The uninterrupted single-node 2-rank run the faulty ones must reproduce."""
-    return train(tmp_path_factory.mktemp("whole") / "run", *JOB, nproc=2)
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+    """The uninterrupted single-node 2-rank run the faulty ones must reproduce (run once)."""
+    return reference_run(tmp_path_factory, *JOB, nproc=2)
 
 
 def _launch(run_dir: Path, *launcher: str) -> subprocess.Popen:
@@ -62,10 +51,8 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_losing_nothing(
     run_dir = tmp_path / "run"
     agent = _launch(run_dir, "--standalone", "--nproc_per_node=2", "--max-restarts=1")
     last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and time.monotonic() < deadline and agent.poll() is None:
-        time.sleep(0.02)
-    workers = _children(agent.pid)
+    wait_for(lambda: last.exists() or agent.poll() is not None, "the first checkpoint")
+    workers = children(agent.pid)
     assert len(workers) == 2, f"expected 2 workers under torchrun (got {workers})"
     os.kill(workers[1], signal.SIGKILL)
     killed_at = checkpoint.load(last)["epoch"]
@@ -87,12 +74,6 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_losing_nothing(
     assert resumed["val_acc"] == two_rank_run["val_acc"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_loopback_equal_one_node(tmp_path, two_rank_run):
     """Two torchrun launchers, one rank each, meet through c10d rendezvous on 127.0.0.1."""
     run_dir = tmp_path / "run"
@@ -100,7 +81,7 @@ def test_two_nodes_on_loopback_equal_one_node(tmp_path, two_rank_run):
         "--nnodes=2",
         "--nproc_per_node=1",
         "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{_free_port()}",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
         "--rdzv_id=loopback-test",
     ]
     nodes = [_launch(run_dir, *rendezvous, f"--node_rank={i}") for i in range(2)]
@@ -112,37 +93,6 @@ def test_two_nodes_on_loopback_equal_one_node(tmp_path, two_rank_run):
     assert metrics["world_size"] == 2
     assert metrics["train_loss_history"] == two_rank_run["train_loss_history"]
     assert metrics["val_acc"] == two_rank_run["val_acc"]
-
-
-WRITER = textwrap.dedent(
-    """
-    import sys, torch
-    from pathlib import Path
-    from syncbn.training import checkpoint
-    big = {"model": {"w": torch.zeros(64_000_000)}, "optimizer": {}, "epoch": 2, "step": 9}
-    while True:
-        checkpoint.save(big, Path(sys.argv[1]))
-    """
-)
-
-
-def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    checkpoint.save(
-        {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 1, "step": 4}, tmp_path
-    )
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=_env())
-    deadline = time.monotonic() + 60
-    while not any(p.name.endswith(".tmp") and p.stat().st_size > 1_000_000
-                  for p in tmp_path.iterdir()):  # fmt: skip
-        assert time.monotonic() < deadline and writer.poll() is None, "the writer never started"
-        time.sleep(0.005)
-    writer.send_signal(signal.SIGKILL)  # halfway through writing 256 MB
-    writer.wait()
-    state = checkpoint.load(tmp_path / checkpoint.LAST)
-    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
-    assert any(p.suffix == ".tmp" for p in tmp_path.iterdir())  # the killed writer's leftover
-    checkpoint.save(state, tmp_path)  # the next save cleans it up
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LAST]
 
 
 def _soak(steps: int) -> dict:
@@ -253,11 +203,17 @@ def test_an_exception_on_one_rank_ends_all_ranks_with_its_traceback(tmp_path):
 
 
 FAKE_SLURM = {
-    # The allocation's node list, as `scontrol show hostnames` prints it: two nodes on loopback.
-    "scontrol": 'printf "127.0.0.1\\n127.0.0.1\\n"\n',
+    # `scontrol show hostnames`: two nodes on loopback; `scontrol requeue ID`: noted in a file.
+    "scontrol": textwrap.dedent(
+        """
+        if [[ $1 == requeue ]]; then echo "requeue $2" >> "$REQUEUE_LOG"; exit 0; fi
+        printf "127.0.0.1\\n127.0.0.1\\n"
+        """
+    ),
     # srun: start the command once per node in parallel, fail when any task fails.
     "srun": textwrap.dedent(
         """
+        echo $$ > "$STEP_PID"
         while [[ $1 == --* ]]; do shift; done
         pids=()
         for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
@@ -268,18 +224,24 @@ FAKE_SLURM = {
         exit $status
         """
     ),
+    # `scancel --signal=SIG JOB`: SIG to every process of the job's step (srun's descendants).
+    "scancel": textwrap.dedent(
+        """
+        sig=${1#--signal=}
+        tree() { for kid in $(pgrep -P "$1"); do echo "$kid"; tree "$kid"; done; }
+        kill -s "$sig" $(tree "$(cat "$STEP_PID")") 2>/dev/null || true
+        """
+    ),
 }
 
 
-def test_the_sbatch_script_runs_two_nodes(tmp_path, two_rank_run):
-    """scripts/slurm/train.sbatch with stand-ins for srun and scontrol: 2 nodes, 1 rank each."""
+def _sbatch_env(tmp_path: Path, run_dir: Path) -> dict:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     for name, body in FAKE_SLURM.items():
         (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
         (bin_dir / name).chmod(0o755)
-    run_dir = tmp_path / "run"
-    env = dict(
+    return dict(
         _env(),
         PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
         SLURM_JOB_ID="4242",
@@ -287,15 +249,41 @@ def test_the_sbatch_script_runs_two_nodes(tmp_path, two_rank_run):
         SLURM_JOB_NODELIST="node[1-2]",
         SLURM_SUBMIT_DIR=str(ROOT),
         NPROC_PER_NODE="1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         RUN_DIR=str(run_dir),
+        REQUEUE_LOG=str(tmp_path / "requeued"),
+        STEP_PID=str(tmp_path / "step.pid"),
     )
-    script = ROOT / "scripts" / "slurm" / "train.sbatch"
-    done = subprocess.run(["bash", str(script), *QUIET, *JOB], env=env, capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "job 4242: 2 nodes x 1 ranks" in done.stdout
 
+
+def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_resumes(
+    tmp_path, two_rank_run
+):
+    """scripts/slurm/train.sbatch with stand-ins for srun and scontrol (2 nodes, 1 rank each):
+    SLURM's early warning (SIGUSR1 to the batch script, `--signal=B:USR1@90`) reaches the
+    workers through srun and torchrun; they checkpoint and exit 75; the script requeues; the
+    requeued job (same id) resumes and ends exactly where an uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    env = _sbatch_env(tmp_path, run_dir)
+    cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), *QUIET, *JOB,
+           "trainer.ckpt_every_steps=5"]  # fmt: skip
+    job = Launch(cmd, env)
+    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists(), "a checkpoint", launch=job)
+    os.kill(job.process.pid, signal.SIGUSR1)
+    assert job.wait(timeout=120) == 0, job.output[-4000:]
+    assert "job 4242 (requeued 0 times): 2 nodes x 1 ranks" in job.output
+    assert "got SIGUSR1, asking the workers to checkpoint" in job.output
+    assert job.output.count("got SIGTERM: checkpointing") == 2  # both workers, via scancel
+    assert "is gone" not in job.output  # not the orphan fallback: the agents stayed up
+    assert (tmp_path / "requeued").read_text() == "requeue 4242\n", job.output[-4000:]
+    preempted = status(run_dir)
+    assert preempted["exit_code"] == 75 and preempted["step"] < 88, preempted
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == preempted["step"]
+
+    requeued = Launch(cmd, env | {"SLURM_RESTART_COUNT": "1"})
+    assert requeued.wait(timeout=240) == 0, requeued.output[-4000:]
+    assert (tmp_path / "requeued").read_text() == "requeue 4242\n"  # not again
+    assert f"at epoch {preempted['epoch']}, step {preempted['step']}" in requeued.output
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train_loss_history"] == two_rank_run["train_loss_history"]
@@ -304,7 +292,7 @@ def test_the_sbatch_script_runs_two_nodes(tmp_path, two_rank_run):
 def test_srun_without_torchrun_takes_ranks_from_slurm(tmp_path, two_rank_run):
     """`srun python train.py`: rank, local rank and world size come from SLURM's variables."""
     run_dir = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     tasks = []
     for rank in range(2):
         env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

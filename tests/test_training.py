@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from syncbn.training import checkpoint, data
-from syncbn.training.config_checks import validate
-
-ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["trainer.progress=false", "logger.mode=disabled"]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
-    env.pop("WANDB_MODE", None)  # the config's logger.mode decides
-    return env
-
-
-def train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 180) -> dict:
-    """Run train.py (under torchrun when nproc > 1) and return its metrics.json."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *overrides]
-    done = subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return json.loads((run_dir / "metrics.json").read_text())
-
+from tests.launch import QUIET, ROOT, env, train, wait_for
+from tests.test_config import compose_config
 
 EQUIVALENCE = ["trainer.augment=false", "trainer.max_steps=24", "seed=3"]
 
@@ -108,12 +82,10 @@ def test_sigkill_mid_training_then_resume_ends_where_an_uninterrupted_run_ends(t
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *args]
     process = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.02)
+    wait_for(lambda: last.exists() or process.poll() is not None, "the first checkpoint")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
@@ -123,39 +95,6 @@ def test_sigkill_mid_training_then_resume_ends_where_an_uninterrupted_run_ends(t
     resumed = train(run_dir, *args)  # trainer.resume=auto is the default
     assert resumed["train_loss_history"] == uninterrupted["train_loss_history"]
     assert resumed["val_acc"] == uninterrupted["val_acc"]
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["run_dir=unused", *overrides])
-
-
-def test_default_config_composes_and_validates():
-    cfg = compose_config()
-    assert (cfg.norm.name, cfg.data.name, cfg.logger.mode) == ("syncbn", "digits", "offline")
-    validate(cfg)
-    assert compose_config("norm=bn", "optim=adamw", "data=synthetic").optim.name == "adamw"
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["trainer.batch_size=0"], r"trainer.batch_size expected > 0 \(got 0\)"),
-        (["norm.name=groupnorm"], r"norm expected one of \('syncbn', 'bn', 'none'\)"),
-        (["logger.mode=cloud"], r"logger.mode expected one of"),
-        (["norm.group_size=3"], r"norm.group_size expected a divisor of the world size 2"),
-        (["trainer.epochs=0"], r"trainer.epochs or trainer.max_steps expected > 0"),
-        (["trainer.precise_bn_batches=0"], r"trainer.precise_bn_batches expected > 0 or null"),
-        (["trainer.bn_telemetry_every=-1"], r"trainer.bn_telemetry_every expected > 0 or null"),
-    ],
-)
-def test_bad_configuration_is_rejected_before_work(monkeypatch, overrides, message):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=message):
-        validate(compose_config(*overrides))
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,10 +134,8 @@ def test_cifar10_missing_directory_says_what_to_do(tmp_path):
 def test_more_ranks_times_batch_than_samples_is_rejected_before_training(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *QUIET,
            "trainer.batch_size=1500"]  # fmt: skip
-    done = subprocess.run(
-        cmd, cwd=ROOT, env=dict(_env(), WORLD_SIZE="1"), capture_output=True, text=True
-    )
-    assert done.returncode != 0
+    done = subprocess.run(cmd, cwd=ROOT, env=env(WORLD_SIZE="1"), capture_output=True, text=True)
+    assert done.returncode == 78  # a configuration error: exit_codes.CONFIG
     assert "trainer.batch_size x world size = 1500 x 1 expected at most the 1438 training" in (
         done.stderr
     )
@@ -208,28 +145,3 @@ def test_more_ranks_times_batch_than_samples_is_rejected_before_training(tmp_pat
 def test_validation_shards_cover_every_sample_once():
     shards = [list(data.ShardSampler(11, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
-    checkpoint.save(
-        {"model": {"w": torch.ones(2)}, "optimizer": {}, "epoch": 1, "step": 5}, tmp_path
-    )
-    with pytest.raises(Exception):  # noqa: B017 - any pickling error mid-write
-        checkpoint.save({"model": {"w": torch.zeros(2)}, "bad": lambda: None}, tmp_path)
-    state = checkpoint.load(tmp_path / checkpoint.LAST)
-    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LAST]  # no temp file left behind
-
-
-def test_corrupted_or_foreign_checkpoint_gets_a_clear_error(tmp_path):
-    corrupted = tmp_path / "corrupted.pt"
-    corrupted.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="corrupted or not a syncbn training checkpoint"):
-        checkpoint.load(corrupted)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(RuntimeError, match="missing \\['epoch', 'model', 'optimizer', 'step'\\]"):
-        checkpoint.load(foreign)

@@ -1,5 +1,5 @@
 """The training half of syncbn: what ``train.py`` runs (``syncbn.training.run(cfg)``)."""
 
-from .loop import evaluate, run
+from .loop import RunResult, evaluate, run
 
-__all__ = ["evaluate", "run"]
+__all__ = ["RunResult", "evaluate", "run"]

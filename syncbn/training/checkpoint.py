@@ -1,9 +1,18 @@
-"""Atomic, ``weights_only``-loadable checkpoints of the full training state."""
+"""Checkpoint files: atomic writes, loads with a clear error, and safe cleanup of temp files.
+
+A write goes to a temp file named after its writer (``.<target>.<host>.<pid>.<random>.tmp``),
+is fsynced, then ``os.replace``d over the target: a crash mid-write leaves the previous file
+intact. Temp files left by a killed writer are removed by the next write, but only when their
+writer is provably gone (same host, pid no longer alive): two writers in one directory (say an
+orphaned worker and a relaunched one) never delete each other's temp file mid-write.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -12,34 +21,77 @@ from typing import Any
 import torch
 
 LAST = "last.pt"
+REQUIRED = ("model", "optimizer", "epoch", "step")
+_UMASK = os.umask(0o022)  # read it (only by setting it), at import, before any threads
+os.umask(_UMASK)
 
 
-def save(state: dict[str, Any], directory: Path) -> Path:
-    """Write ``state`` to ``directory/last.pt`` atomically: a temp file, fsync, ``os.replace``.
+def write_atomic(state: dict[str, Any], target: Path) -> Path:
+    """``torch.save(state)`` to ``target`` atomically: temp file, fsync, ``os.replace``.
 
-    A crash mid-write leaves the previous checkpoint intact; the next save removes the temp file
-    a killed writer left behind (one writer per directory: rank 0). ``state`` holds only tensors
-    and plain containers, so it loads with ``torch.load(weights_only=True)``.
+    ``state`` holds only tensors and plain containers, so it loads with
+    ``torch.load(weights_only=True)``.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / LAST
-    for stale in directory.glob(".last-*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".last-", suffix=".tmp")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(target.parent)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
     return target
 
 
+def link_atomic(source: Path, target: Path) -> Path:
+    """Make ``target`` the same file as ``source`` atomically (a hard link; a copy if links fail).
+
+    A hard link costs no second write of the checkpoint; ``source`` can be deleted later and
+    ``target`` keeps the data.
+    """
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links: copy
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temp files whose writer is dead (same host, pid gone); returns what it deleted.
+
+    Temp files of live writers, of writers on other hosts (a shared filesystem: we cannot tell
+    whether they live) and files not named by :func:`write_atomic` are left alone.
+    """
+    removed = []
+    host = _host()
+    for path in directory.glob(".*.tmp"):
+        owner = _owner(path.name)
+        if owner is None or owner[0] != host or _alive(owner[1]):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def load(path: Path, map_location="cpu") -> dict[str, Any]:
-    """Load a checkpoint this module wrote; anything else gets an error that says so."""
+    """Load a checkpoint this package wrote; anything else gets an error that says so."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as error:
@@ -47,12 +99,10 @@ def load(path: Path, map_location="cpu") -> dict[str, Any]:
             f"checkpoint {path} is corrupted or not a syncbn training checkpoint ({error}); "
             f"delete it or point trainer.resume at another file"
         ) from error
-    missing = {"model", "optimizer", "epoch", "step"} - set(
-        state if isinstance(state, dict) else ()
-    )
+    missing = set(REQUIRED) - set(state if isinstance(state, dict) else ())
     if missing:
         raise RuntimeError(
-            f"checkpoint {path} expected keys model, optimizer, epoch, step (missing "
+            f"checkpoint {path} expected keys {', '.join(REQUIRED)} (missing "
             f"{sorted(missing)}); it was not written by syncbn's train.py"
         )
     return state
@@ -71,3 +121,43 @@ def resolve(resume: str | None, run_dir: Path) -> Path | None:
             f"trainer.resume expected a checkpoint file or 'auto' (got {resume!r})"
         )
     return path
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_host()}.{os.getpid()}."
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) from ``.<target>.<host>.<pid>.<random>.tmp``; None for other names."""
+    parts = name.split(".")
+    if len(parts) < 6 or not parts[-3].isdigit():
+        return None
+    return parts[-4], int(parts[-3])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

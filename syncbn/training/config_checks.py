@@ -1,65 +1,164 @@
-"""Reject bad configuration before any work starts, naming the key and the valid choices."""
+"""Reject bad configuration before any work starts, naming each bad key and the fix.
+
+Types and choices are Hydra's job (:mod:`syncbn.training.schema`): ``optim.lr=abc`` never gets
+here. This module checks what types cannot say: ranges (``optim.lr`` finite and > 0,
+``data.val_fraction`` in (0, 1)), and facts about this machine and launch (``dist.backend=nccl``
+needs CUDA, ``norm.group_size`` must divide the world size). Every failed check is collected, so a
+config with three bad values fails once, with one message listing all three.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
 from ..distributed import divisors
-from .data import DATASETS
 from .env import world_size_from_env
-from .models import NORMS
-from .wandb_logger import MODES
 
 
-def validate(cfg) -> None:
-    world_size = world_size_from_env()
-    checks = [
-        (cfg.norm.name in NORMS, f"norm expected one of {NORMS} (got {cfg.norm.name!r})"),
-        (cfg.data.name in DATASETS, f"data expected one of {DATASETS} (got {cfg.data.name!r})"),
-        (
-            cfg.logger.mode in MODES,
-            f"logger.mode expected one of {MODES} (got {cfg.logger.mode!r})",
-        ),
-        (
-            _positive(cfg.trainer.batch_size),
-            f"trainer.batch_size expected > 0 (got {cfg.trainer.batch_size!r})",
-        ),
-        (
-            _positive(cfg.trainer.epochs) or _positive(cfg.trainer.max_steps),
-            f"trainer.epochs or trainer.max_steps expected > 0 "
-            f"(got {cfg.trainer.epochs}, {cfg.trainer.max_steps})",
-        ),
-        (
-            _positive(cfg.trainer.eval_every),
-            f"trainer.eval_every expected > 0 (got {cfg.trainer.eval_every})",
-        ),
-        *(
-            _positive_or_null(cfg.trainer, "trainer", key)
-            for key in ("eval_every_steps", "precise_bn_batches", "bn_telemetry_every")
-        ),
-        (
-            _positive(cfg.trainer.ckpt_every),
-            f"trainer.ckpt_every expected > 0 (got {cfg.trainer.ckpt_every})",
-        ),
-        (cfg.optim.lr > 0, f"optim.lr expected > 0 (got {cfg.optim.lr})"),
+class ConfigError(ValueError):
+    """A bad configuration value; train.py prints the message (no traceback) and exits 78."""
+
+
+def validate(cfg, world_size: int | None = None, cuda: bool | None = None) -> None:
+    """Raise :class:`ConfigError` listing every bad value of ``cfg`` (None: all good).
+
+    ``world_size`` and ``cuda`` default to the launch's (``WORLD_SIZE`` or ``SLURM_NTASKS``) and
+    this machine's (``torch.cuda.is_available()``).
+    """
+    world_size = world_size_from_env() if world_size is None else world_size
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    problems = [
+        *_trainer(cfg.trainer),
+        *_optim(cfg.optim),
+        *_data(cfg.data),
+        *_model(cfg.model),
+        *_dist_and_logger(cfg, world_size, cuda),
     ]
-    group_size = cfg.norm.group_size
-    if group_size is not None:
-        checks.append(
-            (
-                _positive(group_size) and world_size % group_size == 0,
-                f"norm.group_size expected a divisor of the world size {world_size} "
-                f"(got {group_size}); choose one of {divisors(world_size)} or null",
-            )
+    if problems:
+        raise ConfigError(format_problems(problems))
+
+
+def format_problems(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"bad configuration: {problems[0]}"
+    return "bad configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _trainer(t) -> Iterator[str]:
+    if t.max_steps is None:
+        if not _positive_int(t.epochs):
+            yield f"trainer.epochs expected > 0 (got {t.epochs}); or set trainer.max_steps"
+    elif not _positive_int(t.max_steps):
+        yield (
+            f"trainer.max_steps expected > 0 or null (got {t.max_steps}); null trains "
+            f"trainer.epochs={t.epochs} epochs"
         )
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    for key in ("batch_size", "eval_every", "ckpt_every", "log_every", "keep_last"):
+        if not _positive_int(t[key]):
+            yield f"trainer.{key} expected > 0 (got {t[key]})"
+    if not _positive_int(t.max_consecutive_skips):
+        yield f"trainer.max_consecutive_skips expected > 0 (got {t.max_consecutive_skips})"
+    for key in ("eval_every_steps", "ckpt_every_steps", "precise_bn_batches", "bn_telemetry_every"):
+        if t[key] is not None and not _positive_int(t[key]):
+            yield f"trainer.{key} expected > 0 or null (got {t[key]}); null turns it off"
+    if t.grad_clip is not None and not _positive_finite(t.grad_clip):
+        yield (
+            f"trainer.grad_clip expected a finite max norm > 0 or null (got {t.grad_clip}); "
+            f"null turns clipping off"
+        )
+    resume = t.resume
+    if resume not in (None, "", "auto") and not Path(resume).is_file():
+        yield f"trainer.resume expected a checkpoint file, 'auto' or null (got {resume!r}: missing)"
+    if t.eval_only and not resume:
+        yield (
+            "trainer.eval_only=true expected a checkpoint to evaluate (got trainer.resume=null); "
+            "pass trainer.resume=PATH/TO/checkpoint.pt"
+        )
 
 
-def _positive(value) -> bool:
+def _optim(o) -> Iterator[str]:
+    if not _positive_finite(o.lr):
+        yield f"optim.lr expected a finite number > 0 (got {o.lr})"
+    if not (_finite(o.weight_decay) and o.weight_decay >= 0):
+        yield f"optim.weight_decay expected a finite number >= 0 (got {o.weight_decay})"
+    if not (_finite(o.momentum) and 0 <= o.momentum < 1):
+        yield f"optim.momentum expected a number in [0, 1) (got {o.momentum})"
+    if len(o.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in o.betas):
+        yield f"optim.betas expected two numbers in [0, 1) (got {list(o.betas)})"
+    if not (isinstance(o.warmup_steps, int) and o.warmup_steps >= 0):
+        yield f"optim.warmup_steps expected >= 0 (got {o.warmup_steps})"
+    if not (_finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1):
+        yield f"optim.min_lr_ratio expected a number in [0, 1] (got {o.min_lr_ratio})"
+
+
+def _data(d) -> Iterator[str]:
+    if "val_fraction" in d and not (_finite(d.val_fraction) and 0 < d.val_fraction < 1):
+        yield (
+            f"data.val_fraction expected a fraction in (0, 1) (got {d.val_fraction}): the "
+            f"validation split must hold samples and so must the training split"
+        )
+    if d.augment_shift < 0:
+        yield f"data.augment_shift expected >= 0 pixels (got {d.augment_shift})"
+    for key in ("num_samples", "image_size", "channels"):
+        if key in d and not _positive_int(d[key]):
+            yield f"data.{key} expected > 0 (got {d[key]})"
+    if "num_classes" in d and not (isinstance(d.num_classes, int) and d.num_classes >= 2):
+        yield f"data.num_classes expected >= 2 (got {d.num_classes})"
+
+
+def _model(m) -> Iterator[str]:
+    if len(m.widths) == 0 or not all(_positive_int(w) for w in m.widths):
+        yield f"model.widths expected a non-empty list of channel counts > 0 (got {list(m.widths)})"
+    if not _positive_int(m.blocks_per_stage):
+        yield f"model.blocks_per_stage expected > 0 (got {m.blocks_per_stage})"
+    if not _positive_finite(m.init_scale):
+        yield f"model.init_scale expected a finite number > 0 (got {m.init_scale})"
+
+
+def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
+    dist, logger = cfg.dist, cfg.logger
+    for key, value in [
+        ("dist.timeout_s", dist.timeout_s),
+        ("dist.orphan_grace_s", dist.orphan_grace_s),
+        ("logger.init_timeout_s", logger.init_timeout_s),
+    ]:
+        if not _positive_finite(value):
+            yield f"{key} expected a finite number of seconds > 0 (got {value})"
+    if dist.backend == "nccl" and not cuda:
+        yield (
+            "dist.backend=nccl expected CUDA GPUs (got torch.cuda.is_available() == False); "
+            "use dist.backend=auto or dist.backend=gloo on CPU"
+        )
+    if (
+        logger.mode == "online"
+        and _positive_finite(logger.init_timeout_s)
+        and world_size > 1
+        and _positive_finite(dist.timeout_s)
+        and logger.init_timeout_s >= dist.timeout_s
+    ):
+        yield (
+            f"logger.init_timeout_s expected less than dist.timeout_s (got {logger.init_timeout_s} "
+            f">= {dist.timeout_s}): the other ranks wait for rank 0's W&B start that long"
+        )
+    group_size = cfg.norm.group_size
+    if group_size is not None and not (_positive_int(group_size) and world_size % group_size == 0):
+        yield (
+            f"norm.group_size expected a divisor of the world size {world_size} (got {group_size});"
+            f" choose one of {divisors(world_size)} or null"
+        )
+
+
+def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _positive_or_null(section, prefix: str, key: str) -> tuple[bool, str]:
-    """The check of an optional count: null (off) or a positive integer."""
-    value = section.get(key)
-    return value is None or _positive(value), f"{prefix}.{key} expected > 0 or null (got {value})"
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_finite(value) -> bool:
+    return _finite(value) and value > 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 DATASETS = ("digits", "synthetic", "cifar10")
 
@@ -106,18 +106,49 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def loaders(splits: Splits, batch_size: int, rank: int, world_size: int, seed: int):
-    """Training loader over one shuffled permutation sharded across ranks, and a validation one.
+class EpochShard(Sampler[int]):
+    """This rank's part of one epoch's global batches, starting ``start`` samples into the epoch.
 
-    ``DistributedSampler`` deals the permutation out round-robin, so the ranks' k-th batches
-    together are exactly the k-th batch of ``world_size * batch_size`` a single process would
-    draw: 2 ranks x 8 see the same global batches as 1 process x 16.
+    The epoch's order is one permutation of the ``length`` samples, seeded by ``seed + epoch``
+    (the same on every rank, whatever the world size). Global batch ``k`` is the positions
+    ``[start + k G, start + (k + 1) G)`` of it, ``G = world_size * batch_size``, and rank ``r``
+    takes every ``world_size``-th of them from the ``r``-th on. So
+
+    - the ranks' k-th batches together are exactly the k-th batch of ``G`` a single process
+      would draw: 2 ranks x 8 see the same global batches as 1 process x 16;
+    - progress is a sample offset into the permutation, so a run stopped after ``start``
+      samples resumes there on any number of ranks and any batch size;
+    - a tail shorter than one global batch is dropped (as ``drop_last``): ``steps`` full
+      global batches per epoch.
     """
-    train_sampler = DistributedSampler(
-        splits.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
-    )
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=train_sampler, drop_last=True)
-    return train, eval_loader(splits.val, batch_size, rank, world_size)
+
+    def __init__(
+        self, length: int, rank: int, world_size: int, batch_size: int, seed: int, epoch: int,
+        start: int = 0,
+    ):  # fmt: skip
+        self.steps = max(0, (length - start) // (world_size * batch_size))
+        order = torch.randperm(length, generator=torch.Generator().manual_seed(seed + epoch))
+        stop = start + self.steps * world_size * batch_size
+        self.indices = order[start + rank : stop : world_size].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def steps_in_epoch(length: int, global_batch: int, start: int = 0) -> int:
+    """Full global batches left in an epoch of ``length`` samples after ``start`` of them."""
+    return max(0, (length - start) // global_batch)
+
+
+def train_loader(
+    dataset, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, start: int = 0
+) -> DataLoader:
+    """This rank's batches of epoch ``epoch`` from sample ``start`` on (see :class:`EpochShard`)."""
+    sampler = EpochShard(len(dataset), rank, world_size, batch_size, seed, epoch, start)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
 
 
 def eval_loader(dataset, batch_size: int, rank: int, world_size: int) -> DataLoader:
@@ -126,13 +157,18 @@ def eval_loader(dataset, batch_size: int, rank: int, world_size: int) -> DataLoa
     return DataLoader(dataset, batch_size=max(batch_size, 256), sampler=sampler)
 
 
-def augment(x: torch.Tensor, max_shift: int, flip: bool) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (zero padded), optional horizontal flip."""
+def augment(
+    x: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (zero padded), optional horizontal flip.
+
+    One draw per batch, from ``generator`` (the global RNG when None).
+    """
     if max_shift > 0:
         n, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, [max_shift] * 4)
-        dx, dy = torch.randint(0, 2 * max_shift + 1, (2,)).tolist()
+        dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
         x = padded[:, :, dy : dy + h, dx : dx + w]
-    if flip and torch.rand(()) < 0.5:
+    if flip and torch.rand((), generator=generator) < 0.5:
         x = x.flip(3)
     return x.contiguous()
