@@ -235,9 +235,10 @@ def sync_batch_norm(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Functional synchronized batch norm (training mode) over ``group``.
 
-    Returns ``(output, mean, invstd, count)`` (see :class:`SyncBatchNormFunction`) and updates
-    ``running_mean``/``running_var`` in place when given. Needs an initialized process group;
-    ``world_size`` defaults to the size of ``group``.
+    Returns ``(output, mean, var, count)``: the output, the global per-channel mean and biased
+    variance (float32, or float64 for float64 input) and the global count of values per channel
+    (float64, 0-dim); updates ``running_mean``/``running_var`` in place when given. Needs an
+    initialized process group; ``world_size`` defaults to the size of ``group``.
     """
     if world_size is None:
         world_size = sbdist.get_world_size(group)
@@ -245,9 +246,11 @@ def sync_batch_norm(
     spec = SyncSpec(
         group, world_size, layer_name, layer_signature(layer_name, channels), debug, check_finite
     )
-    return SyncBatchNormFunction.apply(
+    output, mean, invstd, count = SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, momentum, eps, spec
     )
+    var = (invstd.double().pow(-2) - eps).clamp_min_(0).to(invstd.dtype)
+    return output, mean, var, count
 
 
 def reads_totals_on_host(x: Tensor) -> bool:

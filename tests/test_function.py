@@ -178,3 +178,43 @@ def test_autocast_keeps_the_input_dtype(run_ranks):
     for h_dtype, y_dtype, stats_dtype, finite in run_ranks(_under_autocast, 2):
         assert h_dtype == y_dtype == torch.bfloat16
         assert stats_dtype == torch.float32 and finite
+
+
+def _functional(momentum) -> dict:
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(4 + rank, 3, 5, generator=gen, dtype=torch.float64)
+    running_mean = torch.zeros(3, dtype=torch.float64)
+    running_var = torch.ones(3, dtype=torch.float64)
+    y, mean, var, count = syncbn.sync_batch_norm(
+        x,
+        None,
+        None,
+        1e-5,
+        None,
+        running_mean=running_mean,
+        running_var=running_var,
+        momentum=momentum,
+    )
+    return {
+        "x": x,
+        "y": y,
+        "mean": mean,
+        "var": var,
+        "count": count,
+        "running": (running_mean, running_var),
+    }
+
+
+def test_functional_form_returns_the_global_statistics(run_ranks):
+    results = run_ranks(_functional, 2, 0.5)
+    x = torch.cat([r["x"] for r in results])
+    reference = nn.BatchNorm1d(3, affine=False, momentum=0.5, dtype=torch.float64)
+    expected = reference(x)
+    var, mean = torch.var_mean(x, [0, 2], correction=0)
+    for r in results:
+        assert_close(r["mean"], mean)
+        assert_close(r["var"], var, rtol=1e-9, atol=1e-12)
+        assert int(r["count"]) == x.numel() // 3
+        assert_close(r["running"], (reference.running_mean, reference.running_var))
+    assert_close(torch.cat([r["y"] for r in results]), expected)
