@@ -34,6 +34,7 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         spec: SyncSpec,
     ):
-        with torch.autocast(device_type=input.device.type, enabled=False):
+        with _autocast_off(input.device.type):
             kernels = sbkernels.kernels_for(input)
             fused = kernels is not sbkernels.PORTABLE
             x = _dense(input) if fused else input
@@ -175,7 +176,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         kernels = ctx.kernels
         if grad_output is None:  # never in practice: only the output is differentiable
             grad_output = torch.zeros_like(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             dy = grad_output
             if kernels is not sbkernels.PORTABLE:
                 dy = _dense(dy, like=x)
@@ -365,6 +366,14 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum,
     else:  # parameters in half precision: the statistics stay float32 until here
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled inside the layer (it manages its own dtypes); entering ``autocast``
+    costs more than the small ops here, so only when it is on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _dense(t: Tensor, like: Tensor | None = None) -> Tensor:
