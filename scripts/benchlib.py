@@ -17,13 +17,23 @@ def run_ranks(rank_fn, world_size: int, args):
     (``file://`` rendezvous in a temporary directory); return what rank 0 put on the queue."""
     queue = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
+        context = mp.start_processes(
             rank_fn,
             args=(world_size, os.path.join(tmp, "rdzv"), args, queue),
             nprocs=world_size,
             start_method="spawn",
+            join=False,
         )
-    return queue.get()
+        # Read while the ranks run: a result larger than the pipe's buffer (~64 KB) would
+        # otherwise block rank 0's put() while we wait for rank 0 to exit. join() raises when a
+        # rank fails, so a crash is reported instead of waited on.
+        while queue.empty():
+            if context.join(timeout=0.2):
+                break
+        result = queue.get() if not queue.empty() else None
+        while not context.join():
+            pass
+    return result
 
 
 def machine(device: str, world_size: int) -> dict:
