@@ -35,12 +35,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from benchlib import machine, top_level_ops
+from benchlib import machine, top_level_ops, torch_syncbn_class, use_standin_kernels
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import syncbn  # noqa: E402
-from syncbn import kernels as sbkernels  # noqa: E402
 
 RESNET50_SHAPES = [
     (32, 64, 112, 112),
@@ -56,29 +55,6 @@ CONFIGS = {  # name: (input dtype, memory format)
 }
 
 
-class TorchSyncBatchNorm(nn.BatchNorm2d):
-    """``torch.nn.SyncBatchNorm``'s synchronized path, forced on any group size: its autograd
-    function, called as the module calls it (the module skips it at world size 1)."""
-
-    def forward(self, x):
-        from torch.nn.modules._functions import SyncBatchNorm as TorchFunction
-
-        if not self.training:
-            return super().forward(x)
-        self.num_batches_tracked.add_(1)
-        return TorchFunction.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.eps,
-            self.momentum,
-            dist.group.WORLD,
-            dist.get_world_size(),
-        )
-
-
 def ours(channels: int, device) -> nn.Module:
     layer = syncbn.SyncBatchNorm(channels, device=device)
     layer._always_sync = True
@@ -87,7 +63,7 @@ def ours(channels: int, device) -> nn.Module:
 
 VARIANTS = {
     "syncbn": ours,
-    "torch_syncbn": lambda c, device: TorchSyncBatchNorm(c, device=device),
+    "torch_syncbn": lambda c, device: torch_syncbn_class()(c, device=device),
     "cudnn_bn": lambda c, device: nn.BatchNorm2d(c, device=device),
 }
 
@@ -225,7 +201,7 @@ def build_model(args, norm: str, device) -> nn.Module | None:
             if isinstance(layer, syncbn.SyncBatchNorm):
                 layer._always_sync = True
     elif norm == "torch_syncbn":
-        model = _swap_batchnorms(model, TorchSyncBatchNorm)
+        model = _swap_batchnorms(model, torch_syncbn_class())
     return model.to(device=device, memory_format=torch.channels_last)
 
 
@@ -308,17 +284,7 @@ def main() -> None:
     if args.smoke:
         device, backend = torch.device("cpu"), "gloo"
         args.iters, args.warmup = 3, 1
-        from tests import cuda_standin
-
-        sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-        for name in (
-            "batch_norm_stats",
-            "batch_norm_gather_stats_with_counts",
-            "batch_norm_elemt",
-            "batch_norm_backward_reduce",
-            "batch_norm_backward_elemt",
-        ):
-            setattr(torch, name, getattr(cuda_standin, name))
+        use_standin_kernels()
     elif not torch.cuda.is_available():
         sys.exit("bench_gpu.py expected a CUDA GPU (got none); use --smoke to check the script")
     else:

@@ -42,11 +42,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # differentiable all_reduce (naive SyncBN)
-from benchlib import machine, run_ranks, top_level_ops
+from benchlib import machine, run_ranks, top_level_ops, use_standin_kernels
 from torch import nn
 
 from syncbn import SyncBatchNorm
-from syncbn import kernels as sbkernels
 
 SHAPES = [(16, 64, 32, 32), (8, 32, 8, 8)]
 
@@ -159,46 +158,6 @@ def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
 COUNT_SHAPE = (8, 32, 8, 8)
 
 
-class TorchSyncBatchNorm(nn.BatchNorm2d):
-    """``torch.nn.SyncBatchNorm``'s forward (its autograd function on the world group), usable on
-    CPU once ``torch.batch_norm_*`` are the stand-in kernels (the module itself refuses CPU)."""
-
-    def forward(self, x):
-        from torch.nn.modules._functions import SyncBatchNorm as TorchFunction
-
-        self.num_batches_tracked.add_(1)
-        return TorchFunction.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.eps,
-            self.momentum,
-            dist.group.WORLD,
-            dist.get_world_size(),
-        )
-
-
-def _use_standin_kernels() -> None:
-    """Route the CUDA branch (ours via the kernel override, torch's via ``torch.batch_norm_*``)
-    to the CPU model of the CUDA kernels."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from tests import cuda_standin
-
-    sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-    for name in (
-        "batch_norm_stats",
-        "batch_norm_gather_stats_with_counts",
-        "batch_norm_elemt",
-        "batch_norm_backward_reduce",
-        "batch_norm_backward_elemt",
-    ):
-        setattr(torch, name, getattr(cuda_standin, name))
-
-
 def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -212,14 +171,14 @@ def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
     variants = {
         "syncbn (CPU path)": lambda: SyncBatchNorm(channels),
         "syncbn (CUDA branch, stand-in kernels)": lambda: SyncBatchNorm(channels),
-        "torch.nn.SyncBatchNorm function (stand-in kernels)": lambda: TorchSyncBatchNorm(channels),
+        "torch.nn.SyncBatchNorm function (stand-in kernels)": lambda: torch_syncbn_class()(channels),
         "nn.BatchNorm2d (local)": lambda: nn.BatchNorm2d(channels),
         "naive SyncBN (autograd)": lambda: NaiveSyncBatchNorm(channels),
     }
     rows = []
     for name, build in variants.items():
         if "stand-in" in name:
-            _use_standin_kernels()
+            use_standin_kernels()
         layer = build()
         x = torch.randn(COUNT_SHAPE, requires_grad=True)
         dy = torch.randn(COUNT_SHAPE)

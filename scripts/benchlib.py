@@ -86,3 +86,53 @@ def top_level_ops(fn) -> list[str]:
         if not nested:
             counted.append(event.name)
     return counted
+
+
+def torch_syncbn_class():
+    """``torch.nn.SyncBatchNorm``'s synchronized path as a module, forced on any group size and
+    device: its autograd function, called as the module calls it (the module itself skips it at
+    world size 1 and refuses CPU tensors)."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.modules._functions import SyncBatchNorm as TorchFunction
+
+    class TorchSyncBatchNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            if not self.training:
+                return super().forward(x)
+            self.num_batches_tracked.add_(1)
+            return TorchFunction.apply(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.eps,
+                self.momentum,
+                dist.group.WORLD,
+                dist.get_world_size(),
+            )
+
+    return TorchSyncBatchNorm
+
+
+def use_standin_kernels() -> None:
+    """Route both CUDA branches to the CPU model of the CUDA kernels (``tests/cuda_standin.py``):
+    ours through the kernel override, torch's through ``torch.batch_norm_*``."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from syncbn import kernels
+    from tests import cuda_standin
+
+    kernels.override.kernels = kernels.FusedKernels(cuda_standin)
+    for name in (
+        "batch_norm_stats",
+        "batch_norm_gather_stats_with_counts",
+        "batch_norm_elemt",
+        "batch_norm_backward_reduce",
+        "batch_norm_backward_elemt",
+    ):
+        setattr(torch, name, getattr(cuda_standin, name))

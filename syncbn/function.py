@@ -134,20 +134,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
             buffer = _reduce(buffer, spec.group, spec.layer_name, "forward")
 
             count = _check_totals(buffer, channels, spec, local_count, on_host)
-            finite_check = spec.check_finite and not torch.compiler.is_compiling()
-            stats = _global_statistics(
-                buffer,
-                channels,
-                count,
-                local_count,
-                running_mean,
-                running_var,
-                momentum,
-                eps,
-                spec.layer_name if finite_check else None,
-                x,
-            )
-            mean, invstd = stats[1], stats[0]
+            maybe_empty = local_count == 0  # then the whole group may be empty too
+            stats = _merge(buffer, channels, count, maybe_empty)  # (2, C): [var; mean - K]
+            if spec.check_finite and not torch.compiler.is_compiling():
+                sbdebug.check_finite_statistics(spec.layer_name, stats[1], stats[0], x)
+            if x.dtype != torch.float64:
+                stats = stats.to(stat_dtype(x))
+            var, mean = stats.unbind()
+            if running_mean is not None:
+                mean.add_(running_mean)  # undo the shift
+                _update_running_stats(
+                    running_mean, running_var, mean, var, count, momentum, maybe_empty
+                )
+            invstd = var.add_(eps).rsqrt_()
 
             if local_count > 0:
                 output = kernels.normalize(x, weight, bias, mean, invstd, eps)
@@ -307,44 +306,23 @@ def _check_totals(buffer, channels, spec: SyncSpec, local_count: int, on_host: b
     return count
 
 
-def _global_statistics(
-    buffer,
-    channels,
-    count,
-    local_count,
-    running_mean,
-    running_var,
-    momentum,
-    eps,
-    finite_check_layer,
-    x,
-) -> Tensor:
-    r"""``(2, C)`` ``[invstd; mean]`` of the global batch (stat dtype); running stats updated.
+def _merge(buffer: Tensor, channels: int, count, maybe_empty: bool) -> Tensor:
+    r"""The group's ``(2, C)`` :math:`[\sigma^2;\ \mu - K]` in float64, from the reduced
+    :math:`[Q | P | n | \sum s]` (consumed in place): :math:`\mu - K = P/n` and
+    :math:`\sigma^2 = Q/n - (P/n)^2`, the one cancellation, which is why it runs in float64.
 
-    ``buffer`` is the reduced :math:`[Q | P | n | \sum s]` (float64, consumed in place), ``count``
-    its :math:`n` (a float on the host path, a 0-dim tensor otherwise). The cancellation
-    :math:`Q/n - (P/n)^2` runs in float64, the rest in the statistics' dtype. When this rank is
-    empty the global batch may be too (:math:`n = 0`): then nothing divides by zero and the
-    running statistics keep their values, at the cost of a few more ops on empty ranks only.
+    ``count`` is :math:`n`: a float on the host path, a 0-dim tensor otherwise. When this rank
+    is empty the group may be too (:math:`n = 0`): the division then takes :math:`\max(n, 1)`,
+    which leaves zeros (one more op, on empty ranks only).
     """
-    maybe_empty = local_count == 0
     rows = buffer[: 2 * channels].view(2, channels)  # [Q; P]
     if isinstance(count, float):
         rows.div_(max(count, 1.0))
     else:
         rows.div_(count.clamp_min(1) if maybe_empty else count)
-    var, centred_mean = rows.unbind()  # so far E[(x - K)^2] and mean - K
+    var, centred_mean = rows.unbind()
     var.addcmul_(centred_mean, centred_mean, value=-1).clamp_min_(0)
-    if finite_check_layer is not None:
-        sbdebug.check_finite_statistics(finite_check_layer, centred_mean, var, x)
-
-    stats = rows if x.dtype == torch.float64 else rows.to(stat_dtype(x))
-    var, mean = stats.unbind()
-    if running_mean is not None:
-        mean.add_(running_mean)  # undo the shift
-        _update_running_stats(running_mean, running_var, mean, var, count, momentum, maybe_empty)
-    var.add_(eps).rsqrt_()  # invstd from here on
-    return stats
+    return rows
 
 
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum, maybe_empty):

@@ -19,7 +19,9 @@ Each function runs under ``record_function("standin::<name>")`` so that op count
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 
 import torch
 from torch import Tensor
@@ -316,3 +318,19 @@ def _format_of(t: Tensor) -> torch.memory_format:
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def path(name: str):
+    """Run ``"cpu"``: the CPU path as it is; ``"cuda_branch"``: the CUDA branch of
+    :mod:`syncbn.function` on CPU, through this model of its kernels."""
+    from syncbn import kernels
+
+    if name not in ("cpu", "cuda_branch"):
+        raise ValueError(f"path expected 'cpu' or 'cuda_branch' (got {name!r})")
+    if name == "cuda_branch":
+        kernels.override.kernels = kernels.FusedKernels(sys.modules[__name__])
+    try:
+        yield
+    finally:
+        kernels.override.kernels = None

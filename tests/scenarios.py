@@ -92,16 +92,10 @@ def _state(module: nn.Module) -> dict:
 
 def run_sync_bn(case: Case) -> dict:
     """On one rank: train SyncBatchNorm for ``case.steps`` steps, then evaluate; record all."""
-    if case.kernels == "standin":
-        from syncbn import kernels
-        from tests import cuda_standin
+    from tests import cuda_standin
 
-        kernels.override.kernels = kernels.FusedKernels(cuda_standin)
-        try:
-            return _run_sync_bn(case)
-        finally:
-            kernels.override.kernels = None
-    return _run_sync_bn(case)
+    with cuda_standin.path("cuda_branch" if case.kernels == "standin" else "cpu"):
+        return _run_sync_bn(case)
 
 
 def _device(case: Case, rank: int) -> torch.device:

@@ -128,21 +128,19 @@ def test_compile_uses_the_portable_kernels(run_ranks):
 def _device_side_checks(case: str) -> str:
     """The CUDA branch checks the reduced buffer on device (``torch._assert_async``, which on
     CPU raises at once): a global count of one, and ranks at different layers."""
-    sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-    try:
-        rank = dist.get_rank()
-        if case == "one_value":
-            x = torch.randn(1 if rank == 0 else 0, 3)
-            syncbn.SyncBatchNorm(3)(x)
-        else:
-            layers = syncbn.convert_sync_batchnorm(
-                nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)})
-            )
-            layers["a" if rank == 0 else "b"](torch.randn(4, 3))
-    except RuntimeError as error:
-        return str(error)
-    finally:
-        sbkernels.override.kernels = None
+    rank = dist.get_rank()
+    with cuda_standin.path("cuda_branch"):
+        try:
+            if case == "one_value":
+                x = torch.randn(1 if rank == 0 else 0, 3)
+                syncbn.SyncBatchNorm(3)(x)
+            else:
+                layers = syncbn.convert_sync_batchnorm(
+                    nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)})
+                )
+                layers["a" if rank == 0 else "b"](torch.randn(4, 3))
+        except RuntimeError as error:
+            return str(error)
     return "no error"
 
 
@@ -165,8 +163,7 @@ def _host_reads(momentum, batch_sizes) -> list[str]:
     """Ops of a training step of the CUDA branch that read a device value on the host (a sync on
     a GPU: it would break CUDA graph capture), outside the stand-in kernels themselves and
     ``torch._assert_async`` (a kernel on CUDA; on CPU it reads its argument)."""
-    sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-    try:
+    with cuda_standin.path("cuda_branch"):
         bn = syncbn.SyncBatchNorm(4, momentum=momentum)
         x = torch.randn(batch_sizes[dist.get_rank()], 4, 3, requires_grad=True)
         for _ in range(2):  # the first call fills the caches (constants made once)
@@ -183,8 +180,6 @@ def _host_reads(momentum, batch_sizes) -> list[str]:
             if event.name in HOST_READS and not in_kernel:
                 reads.append(event.name)
         return reads
-    finally:
-        sbkernels.override.kernels = None
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -19,12 +19,9 @@ def _gradcheck_on_rank(path: str) -> bool:
 
     ``eps`` is large next to the variance of the input, so that a backward that gets
     :math:`\epsilon` wrong (say, uses ``2 * eps``) is far outside the tolerance."""
-    from syncbn import kernels as sbkernels
     from tests import cuda_standin
 
-    if path == "cuda_branch":
-        sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-    try:
+    with cuda_standin.path(path):
         gen = torch.Generator().manual_seed(0)
         x = (0.5 * torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)).requires_grad_()
         w = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
@@ -34,8 +31,6 @@ def _gradcheck_on_rank(path: str) -> bool:
             return sync_batch_norm(x, w, b, 0.3, None)[0]
 
         return torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-9, rtol=1e-6)
-    finally:
-        sbkernels.override.kernels = None
 
 
 @pytest.mark.parametrize("path", ["cpu", "cuda_branch"])

@@ -8,8 +8,6 @@ gradients and untouched running statistics).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,21 +15,12 @@ from torch import nn
 from torch.testing import assert_close
 
 import syncbn
-from syncbn import kernels as sbkernels
 from tests import cuda_standin
 
 PATHS = ["cpu", "cuda_branch"]
 
 
-@contextlib.contextmanager
-def _path(path: str):
-    """Run the CPU path, or the CUDA branch through the CPU model of its kernels."""
-    if path == "cuda_branch":
-        sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-    try:
-        yield
-    finally:
-        sbkernels.override.kernels = None
+_path = cuda_standin.path
 
 
 def _empty_global_batch(path: str, momentum, shape) -> dict:

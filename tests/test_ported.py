@@ -16,7 +16,6 @@ shapes, dtypes and group sizes run inside the ranks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import itertools
@@ -32,7 +31,6 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader, DistributedSampler
 
 import syncbn
-from syncbn import kernels as sbkernels
 from tests import cuda_standin
 
 PATHS = ["cpu", "cuda_branch"]
@@ -42,15 +40,7 @@ EPS = 1e-5
 # ------------------------------------------------------------------------------------ helpers
 
 
-@contextlib.contextmanager
-def _path(path: str):
-    """The CPU path, or the CUDA branch through the CPU model of its kernels."""
-    if path == "cuda_branch":
-        sbkernels.override.kernels = sbkernels.FusedKernels(cuda_standin)
-    try:
-        yield
-    finally:
-        sbkernels.override.kernels = None
+_path = cuda_standin.path
 
 
 def _rows(sizes, rank: int) -> slice:
