@@ -42,7 +42,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # differentiable all_reduce (naive SyncBN)
-from benchlib import machine, run_ranks, top_level_ops, use_standin_kernels
+from benchlib import machine, run_ranks, top_level_ops, torch_syncbn_class, use_standin_kernels
 from torch import nn
 
 from syncbn import SyncBatchNorm
@@ -168,10 +168,11 @@ def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
         timeout=timedelta(seconds=120),
     )
     channels = COUNT_SHAPE[1]
+    torch_syncbn = torch_syncbn_class()
     variants = {
         "syncbn (CPU path)": lambda: SyncBatchNorm(channels),
         "syncbn (CUDA branch, stand-in kernels)": lambda: SyncBatchNorm(channels),
-        "torch.nn.SyncBatchNorm function (stand-in kernels)": lambda: torch_syncbn_class()(channels),
+        "torch.nn.SyncBatchNorm function (stand-in kernels)": lambda: torch_syncbn(channels),
         "nn.BatchNorm2d (local)": lambda: nn.BatchNorm2d(channels),
         "naive SyncBN (autograd)": lambda: NaiveSyncBatchNorm(channels),
     }
