@@ -1,6 +1,6 @@
 """syncbn: synchronized batch normalization for PyTorch distributed training.
 
-One ``all_reduce`` of ``2C + 1`` values per layer forward and ``2C`` backward, on CPU (gloo) and
+One ``all_reduce`` of ``2C + 2`` values per layer forward and ``2C`` backward, on CPU (gloo) and
 CUDA (NCCL), with no device-to-host synchronization.
 """
 

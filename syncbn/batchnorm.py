@@ -36,7 +36,7 @@ class SyncBatchNorm(_BatchNorm):
 
     In training, the mean and (biased) variance are taken per channel over the batch *of every
     rank in* ``process_group`` together: the result equals :class:`torch.nn.BatchNorm2d` (or 1d,
-    3d) applied to the concatenation of all ranks' inputs. One ``all_reduce`` of :math:`2C + 1`
+    3d) applied to the concatenation of all ranks' inputs. One ``all_reduce`` of :math:`2C + 2`
     values runs per forward and one of :math:`2C` values per backward, so the cost per layer does
     not grow with the number of ranks, unlike :class:`torch.nn.SyncBatchNorm`'s ``all_gather``.
     It runs on CPU (gloo) as well as CUDA (NCCL), and makes no device-to-host synchronization on
