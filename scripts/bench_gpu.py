@@ -241,9 +241,10 @@ def training_steps(args, device, timer) -> list[dict] | str:
         row = {"norm": norm, "batch": batch, "image_size": size, "eager_ms": timer(step)}
         row["graphed_ms"] = graphed(step, timer) if device.type == "cuda" else None
         rows.append(row)
+        graph = row["graphed_ms"]  # None on CPU, a message when capture failed
         print(
             f"| {norm} | {row['eager_ms']:.2f} | "
-            f"{row['graphed_ms'] if row['graphed_ms'] is None else round(row['graphed_ms'], 2)} |",
+            f"{f'{graph:.2f}' if isinstance(graph, float) else graph} |",
             flush=True,
         )
     return rows

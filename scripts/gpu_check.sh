@@ -56,8 +56,10 @@ if isinstance(steps, str):
     print("ResNet-50 step:", steps)
 else:
     for s in steps:
+        g = s["graphed_ms"]
+        g = f"{g:.1f} ms" if isinstance(g, float) else g
         print(f"ResNet-50 step ({s['batch']} images, bf16 autocast) {s['norm']}: "
-              f"eager {s['eager_ms']:.1f} ms, CUDA graph {s['graphed_ms']}")
+              f"eager {s['eager_ms']:.1f} ms, CUDA graph {g}")
 EOF
 echo "tests exit $tests_rc, benchmark exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
