@@ -27,6 +27,12 @@ CUDA kernel), ``torch.nn.SyncBatchNorm``'s autograd function through the same st
 and local ``nn.BatchNorm2d``::
 
     python scripts/bench_layer.py --count-ops --out results/op_counts.json
+
+``--phases`` splits one forward+backward of ``syncbn`` and of the in-situ floor into the
+compute before each all_reduce, the all_reduce itself and the compute after the last (medians
+over iterations, rank 0): where the time of a layer goes on this machine::
+
+    python scripts/bench_layer.py --phases --out results/bench_layer_phases.json
 """
 
 from __future__ import annotations
@@ -217,6 +223,90 @@ def count_ops(args) -> None:
         print(f"| {row['variant']} | {row['ops']} | {detail} |")
 
 
+class _PhaseTimer:
+    """Wraps ``dist.all_reduce`` to record, per call in a step, the compute since the previous
+    mark and the all_reduce's own duration."""
+
+    def __init__(self):
+        self.real = dist.all_reduce
+        self.times: dict[str, list[float]] = {}
+        self.mark, self.index = 0.0, 0
+
+    def start(self) -> None:
+        self.mark, self.index = time.perf_counter(), 0
+
+    def _add(self, key: str, value: float) -> None:
+        self.times.setdefault(key, []).append(value)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        started = time.perf_counter()
+        self._add(f"compute before all_reduce {self.index}", started - self.mark)
+        result = self.real(tensor, *args, **kwargs)
+        self.mark = time.perf_counter()
+        self._add(f"all_reduce {self.index}", self.mark - started)
+        self.index += 1
+        return result
+
+    def stop(self, started: float) -> None:
+        now = time.perf_counter()
+        self._add("compute after the last all_reduce", now - self.mark)
+        self._add("forward+backward", now - started)
+
+    def medians(self, skip: int) -> dict[str, float]:
+        return {k: statistics.median(v[skip:]) for k, v in self.times.items()}
+
+
+def _phase_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=120),
+    )
+    report = {"layers": []}
+    for shape in SHAPES:
+        channels = shape[1]
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        for name, layer in (
+            ("syncbn", SyncBatchNorm(channels)),
+            ("local_bn_2ar", LocalBatchNormWithCollectives(channels)),
+        ):
+            timer = _PhaseTimer()
+            dist.all_reduce = timer.all_reduce
+            try:
+                for _ in range(args.warmup + args.iters):
+                    timer.real(torch.zeros(1))  # both ranks start together
+                    x.grad = None
+                    started = time.perf_counter()
+                    timer.start()
+                    layer(x).backward(dy)
+                    timer.stop(started)
+            finally:
+                dist.all_reduce = timer.real
+            report["layers"].append(
+                {"shape": list(shape), "layer": name, **timer.medians(args.warmup)}
+            )
+    if rank == 0:
+        queue.put(report)
+    dist.destroy_process_group()
+
+
+def phases(args) -> None:
+    report = {**machine("cpu", args.world_size), **run_ranks(_phase_rank, args.world_size, args)}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{args.world_size} gloo ranks, medians of rank 0 (ms)")
+    for row in report["layers"]:
+        parts = ", ".join(
+            f"{k} {v * 1e3:.2f}" for k, v in row.items() if k not in ("shape", "layer")
+        )
+        print(f"{tuple(row['shape'])} {row['layer']}: {parts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,7 +322,12 @@ def main() -> None:
         help="default: results/bench_layer.json, or results/op_counts.json with --count-ops",
     )
     parser.add_argument("--count-ops", action="store_true", help="count ops instead of timing")
+    parser.add_argument("--phases", action="store_true", help="where a layer's time goes")
     args = parser.parse_args()
+    if args.phases:
+        args.out = args.out or "results/bench_layer_phases.json"
+        phases(args)
+        return
     if args.count_ops:
         args.out = args.out or "results/op_counts.json"
         count_ops(args)
