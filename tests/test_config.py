@@ -43,7 +43,8 @@ def test_default_config_composes_and_validates():
 
 def test_task_segmentation_brings_its_data_model_and_defaults_and_the_command_line_wins():
     cfg = compose_config("task=segmentation")
-    assert (cfg.task.name, cfg.data.name, cfg.optim.name) == ("segmentation", "digit_scenes", "adamw")
+    assert (cfg.task.name, cfg.data.name) == ("segmentation", "digit_scenes")
+    assert cfg.optim.name == "adamw"
     assert cfg.model._target_ == "syncbn.training.models.DeepLab"
     assert (cfg.trainer.batch_size, cfg.trainer.best_metric) == (4, "miou")
     validate(cfg, world_size=2, cuda=False)
