@@ -120,3 +120,15 @@ def test_a_task_refuses_data_it_cannot_read_and_the_config_check_says_so():
         validate(compose_config("task=segmentation", "data=digits"), world_size=1, cuda=False)
     with pytest.raises(ConfigError, match=r"task=classification expected data from"):
         validate(compose_config("data=digit_scenes"), world_size=1, cuda=False)
+
+
+def test_resume_refuses_another_task_and_lets_label_smoothing_change():
+    from syncbn.training import resume_policy
+    from syncbn.training.config_checks import ConfigError
+
+    saved = {"task": {"name": "segmentation", "label_smoothing": 0.0, "ignore_index": 255}}
+    changed = {"task": {"name": "segmentation", "label_smoothing": 0.1, "ignore_index": 255}}
+    assert resume_policy.check("ck.pt", saved, changed) == {"task.label_smoothing": (0.0, 0.1)}
+    other = {"task": {"name": "classification", "label_smoothing": 0.0, "ignore_index": 255}}
+    with pytest.raises(ConfigError, match=r"for task.name \(got task.name: checkpoint"):
+        resume_policy.check("ck.pt", saved, other)
