@@ -355,8 +355,11 @@ def test_srun_without_torchrun_takes_ranks_from_slurm(tmp_path, two_rank_run):
     rendezvous = f"dist.init_method=file://{tmp_path / 'rendezvous'}"
     tasks = []
     for rank in range(2):
-        env = {k: v for k, v in _env().items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env = {
+            k: v
+            for k, v in _env().items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        }
         env.update(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                    SLURM_JOB_ID="77")  # fmt: skip
         cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *JOB,
