@@ -8,8 +8,8 @@ ranks (2 and 4) at per-rank batches b (1, 2, 4), each with
   value per channel and cannot train (``nn.BatchNorm2d`` raises; train.py refuses the config):
   there this run drops that one norm layer (``model.image_pool_norm=false``), the way
   detectron2's DeepLab always does;
-- ``bn, no pool norm``: per-rank BN with ``model.image_pool_norm=false`` at every b, to tell
-  the image-pooling branch's failure from per-rank BN's noise elsewhere;
+- ``bn, no pool norm`` and ``syncbn, no pool norm``: ``model.image_pool_norm=false`` at every
+  b, to tell the image-pooling branch's failure from per-rank BN's noise elsewhere;
 - ``none``: no normalization layers;
 - ``bn, 1 process``: one process with BN over the global batch W x b: what SyncBN must match
   (runs of equal global batch are shared between the two world sizes).
@@ -19,7 +19,7 @@ validation mean IoU (and pixel accuracy). Each run's directory holds its metrics
 runs are skipped and an interrupted one resumes from its checkpoint, so the script can be stopped
 and restarted. Writes ``<out>/results.json`` and ``<out>/compare_seg.png``::
 
-    python scripts/compare_seg.py                    # 78 runs; ~40 min on 2 shared CPU cores
+    python scripts/compare_seg.py                    # 96 runs; ~45 min on 2 shared CPU cores
     python scripts/compare_seg.py --quick            # smoke test: 1 seed, few steps
 """
 
@@ -39,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_norms import _json_safe, _mean_std  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNCBN, BN, BN_NO_POOL, NONE, REFERENCE = (
-    "syncbn", "bn", "bn, no pool norm", "none", "bn, 1 process, global batch",
+SYNCBN, SYNC_NO_POOL, BN, BN_NO_POOL, NONE, REFERENCE = (
+    "syncbn", "syncbn, no pool norm", "bn", "bn, no pool norm", "none",
+    "bn, 1 process, global batch",
 )  # fmt: skip
-LABELS = (SYNCBN, BN, BN_NO_POOL, NONE, REFERENCE)
+LABELS = (SYNCBN, SYNC_NO_POOL, BN, BN_NO_POOL, NONE, REFERENCE)
 NO_POOL_NORM = "model.image_pool_norm=false"
 
 
@@ -74,6 +75,7 @@ def plan(args) -> list[Run]:
                 bn_pool = (NO_POOL_NORM,) if b == 1 else ()  # b = 1: the only way BN trains
                 for run in (
                     Run(SYNCBN, "syncbn", w, b, seed),
+                    Run(SYNC_NO_POOL, "syncbn", w, b, seed, (NO_POOL_NORM,)),
                     Run(BN, "bn", w, b, seed, bn_pool),
                     Run(BN_NO_POOL, "bn", w, b, seed, (NO_POOL_NORM,)),
                     Run(NONE, "none", w, b, seed),
@@ -143,9 +145,9 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {SYNCBN: "tab:blue", BN: "tab:orange", BN_NO_POOL: "tab:red", NONE: "tab:gray",
-              REFERENCE: "black"}  # fmt: skip
-    styles = {REFERENCE: "--", BN_NO_POOL: ":"}
+    colors = {SYNCBN: "tab:blue", SYNC_NO_POOL: "tab:cyan", BN: "tab:orange",
+              BN_NO_POOL: "tab:red", NONE: "tab:gray", REFERENCE: "black"}  # fmt: skip
+    styles = {REFERENCE: "--", BN_NO_POOL: ":", SYNC_NO_POOL: ":"}
     worlds = report["world_sizes"]
     fig, axes = plt.subplots(1, len(worlds), figsize=(5.2 * len(worlds), 4.2), squeeze=False)
     for ax, w in zip(axes[0], worlds, strict=True):
@@ -154,7 +156,7 @@ def plot(report: dict, path: Path) -> None:
             gs = [g for g in gs if g["val_miou"]["mean"] is not None]
             if not gs:
                 continue
-            offset = (LABELS.index(label) - 2) * 0.04  # keep error bars apart
+            offset = (LABELS.index(label) - 2.5) * 0.035  # keep error bars apart
             ax.errorbar(
                 [g["batch_size"] * (1 + offset) for g in gs],
                 [g["val_miou"]["mean"] for g in gs],
