@@ -163,3 +163,18 @@ def test_deeplab_norm_none_has_no_norm_layers_and_biased_convolutions():
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.bias is not None for c in convs)
     copy.deepcopy(model)(torch.randn(1, 1, 16, 16)).sum().backward()
+
+
+def test_train_py_refuses_per_rank_bn_at_one_image_before_training(tmp_path):
+    from syncbn.training import loop
+
+    cfg = compose_config(f"run_dir={tmp_path}", "task=segmentation", "norm=bn",
+                         "trainer.batch_size=2", "trainer.accumulate=2", "logger.mode=disabled",
+                         "data.num_train=8", "data.num_val=2")  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"DeepLab with norm=bn expected more than 1 image per "
+        r"rank and micro-batch \(got trainer.batch_size=2, trainer.accumulate=2\)",
+    ):
+        loop.run(cfg)
+    assert not (tmp_path / "checkpoints").exists()

@@ -209,9 +209,9 @@ def _model(cfg, splits: data.Splits, env: DistEnv) -> torch.nn.Module:
         problem = check(micro_batch)
         if problem:
             raise ConfigError(
-                f"norm={cfg.norm.name} with trainer.batch_size={cfg.trainer.batch_size} and "
-                f"trainer.accumulate={cfg.trainer.accumulate} expected a model that can train "
-                f"on {micro_batch} image(s) per rank (got {problem})"
+                f"{type(model).__name__} with norm={cfg.norm.name} expected more than "
+                f"{micro_batch} image per rank and micro-batch (got trainer.batch_size="
+                f"{cfg.trainer.batch_size}, trainer.accumulate={cfg.trainer.accumulate}): {problem}"
             )
     model = model.to(env.device)
     if cfg.trainer.channels_last:

@@ -117,10 +117,9 @@ class DeepLab(nn.Module):
         (per-rank BN at one image: the image-pooling branch), or None."""
         if self.norm == "bn" and self.image_pool_norm and images_per_norm_batch < 2:
             return (
-                "the image-pooling branch's BatchNorm would normalize one value per channel "
-                "(one image per rank and micro-batch), which nn.BatchNorm2d refuses in training "
-                "('Expected more than 1 value per channel'); use norm=syncbn, or "
-                "model.image_pool_norm=false (no norm in that branch, as detectron2's DeepLab), "
-                "or more images per rank"
+                "its image-pooling branch's BatchNorm would see one value per channel, which "
+                "nn.BatchNorm2d refuses in training ('Expected more than 1 value per channel'); "
+                "use norm=syncbn, or model.image_pool_norm=false (no norm in that branch, as in "
+                "detectron2's DeepLab), or 2 or more images per rank"
             )
         return None
