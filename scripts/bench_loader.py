@@ -50,7 +50,7 @@ def write_folder(root: Path, count: int, size: tuple[int, int], fmt: str) -> Non
     width, height = size
     for i in range(count):
         label = int(digits.target[i % len(digits.target)])
-        canvas = np.zeros((height // 4, width // 4), dtype=np.float32)
+        canvas = np.zeros((max(height // 4, 40), max(width // 4, 40)), dtype=np.float32)
         digit = np.kron(digits.images[i % len(digits.images)], np.ones((4, 4)))  # 32x32
         top = rng.integers(0, canvas.shape[0] - 32)
         left = rng.integers(0, canvas.shape[1] - 32)

@@ -109,7 +109,7 @@ def launch(run: Run, out: Path, args) -> dict:
     return json.loads(metrics.read_text())
 
 
-def summarize(records: list[dict], world_sizes: list[int]) -> list[dict]:
+def summarize(records: list[dict], world_sizes: list[int], batch_sizes: list[int]) -> list[dict]:
     """Mean and spread over seeds for each (world size, per-rank batch, label); the references
     appear under every (W, b) whose global batch they have."""
     groups: dict[tuple, list[dict]] = {}
@@ -118,7 +118,7 @@ def summarize(records: list[dict], world_sizes: list[int]) -> list[dict]:
             groups.setdefault((r["world_size"], r["batch_size"], BN_NO_POOL), []).append(r)
         if r["label"] == REFERENCE:
             for w in world_sizes:
-                if r["global_batch"] % w == 0:
+                if r["global_batch"] % w == 0 and r["global_batch"] // w in batch_sizes:
                     key = (w, r["global_batch"] // w, REFERENCE)
                     groups.setdefault(key, []).append(r)
         else:
@@ -174,7 +174,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("validation mean IoU")
         ax.set_title(f"{w} ranks (global batch {w} x images per rank)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle(
         f"digit scenes segmentation, DeepLab-style with ASPP image pooling: {report['steps']} "
         f"steps, {report['seeds']} seeds, mean ± std ({report['date']}; circled: bn without "
@@ -251,7 +251,7 @@ def main() -> None:
         "wall_time_s": time.perf_counter() - started,  # this invocation; finished runs reused
         "runs": records,
     }
-    report["summary"] = summarize(records, args.world_sizes)
+    report["summary"] = summarize(records, args.world_sizes, args.batch_sizes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_json_safe(report), indent=2))
     plot(report, out / "compare_seg.png")

@@ -14,7 +14,8 @@ rank has nothing to normalize over (``nn.BatchNorm2d`` raises "Expected more tha
 channel when training"), and at two images it maps every channel to exactly ``-1`` and ``+1``
 (before its affine): the branch carries one bit. SyncBN normalizes it over the global batch.
 ``image_pool_norm=False`` drops that norm layer (and gives the convolution a bias), as
-detectron2's DeepLab does ("the spatial resolution is 1x1"); the other norm layers stay.
+detectron2's ASPP does ("norm is applied to all conv layers except the conv following global
+average pooling"); the other norm layers stay.
 """
 
 from __future__ import annotations
