@@ -1,8 +1,14 @@
-"""Train a small ResNet with synchronized batch norm under DDP. Configured by Hydra (conf/).
+"""Train with synchronized batch norm under DDP. Configured by Hydra (conf/).
 
-Single process::
+Single process (a small ResNet on scikit-learn's digits)::
 
     python train.py
+    python train.py task=segmentation            # DeepLab-style model on digit scenes, mIoU
+
+Your model and images::
+
+    torchrun --nproc_per_node=8 train.py model=custom model._target_=torchvision.models.resnet50 \
+        data=imagefolder data.root=/data/imagenet loader.workers=8 trainer.precision=bf16
 
 DDP on one machine (gloo on CPU, NCCL with one GPU per rank)::
 
@@ -36,7 +42,7 @@ _started = False  # whether Hydra composed the config and called main
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @record  # a failing rank's traceback goes to torchrun's error file and its failure summary
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     global _started
     _started = True
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -49,7 +55,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(exit_codes.CONFIG)
     if result.exit_code != exit_codes.OK:
         sys.exit(result.exit_code)
-    return result.metrics["val_acc"]  # returned for Hydra sweepers
+    return result.objective  # the task's primary validation metric, for Hydra sweepers
 
 
 if __name__ == "__main__":

@@ -32,8 +32,24 @@ def test_default_config_composes_and_validates():
     cfg = compose_config()
     assert (cfg.norm.name, cfg.data.name, cfg.logger.mode) == ("syncbn", "digits", "offline")
     validate(cfg, world_size=2, cuda=False)
-    for overrides in (["norm=bn", "optim=adamw", "data=synthetic"], ["data=cifar10", "norm=none"]):
+    for overrides in (
+        ["norm=bn", "optim=adamw", "data=synthetic"],
+        ["data=cifar10", "norm=none"],
+        ["data=imagefolder", "data.root=/somewhere", "model=resnet_cifar"],
+        ["model=custom", "model._target_=tests.toy_models.TinyNet", "+model.width=4"],
+    ):
         validate(compose_config(*overrides), world_size=1, cuda=False)
+
+
+def test_task_segmentation_brings_its_data_model_and_defaults_and_the_command_line_wins():
+    cfg = compose_config("task=segmentation")
+    assert (cfg.task.name, cfg.data.name) == ("segmentation", "digit_scenes")
+    assert cfg.optim.name == "adamw"
+    assert cfg.model._target_ == "syncbn.training.models.DeepLab"
+    assert (cfg.trainer.batch_size, cfg.trainer.best_metric) == (4, "miou")
+    validate(cfg, world_size=2, cuda=False)
+    cfg = compose_config("task=segmentation", "optim=sgd", "trainer.batch_size=1")
+    assert (cfg.optim.name, cfg.trainer.batch_size) == ("sgd", 1)
 
 
 def test_every_key_of_every_yaml_file_is_commented():
@@ -55,6 +71,9 @@ def test_every_key_of_every_yaml_file_is_commented():
         ("trainer.nonfinite=ignore", "trainer.nonfinite", "expected one of [stop, skip]"),
         ("trainer.max_steps=ten", "trainer.max_steps", "could not be converted to Integer"),
         ("trainer.ckpt_every_step=5", "ckpt_every_step", "not in 'TrainerConfig'"),  # typo
+        ("trainer.precision=fp16", "trainer.precision", "expected one of [fp32, bf16]"),
+        ("task.name=detection", "task.name", "expected one of [classification, segmentation]"),
+        ("loader.workers=two", "loader.workers", "could not be converted to Integer"),
     ],
 )
 def test_wrong_types_and_choices_fail_while_composing_naming_the_key(override, key, expected):
@@ -85,12 +104,23 @@ BAD_VALUES = [
     ("trainer.resume=/no/such.pt", r"trainer.resume expected a checkpoint file"),
     ("trainer.eval_only=true", r"trainer.eval_only=true expected a checkpoint .*resume=null"),
     ("model.widths=[]", r"model.widths expected a non-empty list"),
+    ("trainer.accumulate=3", r"trainer.accumulate expected a divisor of trainer.batch_size=32"),
+    ("trainer.sync_every=0", r"trainer.sync_every expected > 0 \(got 0\)"),
+    ("trainer.eval_batch_size=0", r"trainer.eval_batch_size expected > 0 \(got 0\)"),
+    ("loader.workers=-1", r"loader.workers expected >= 0 \(got -1\)"),
+    ("task.label_smoothing=1.0", r"task.label_smoothing expected a number in \[0, 1\)"),
+    ("task.ignore_index=3", r"task.ignore_index expected data.ignore_index=255"),
+    ("dist.init_method=/tmp/x", r"dist.init_method expected null, file:///path"),
+    ("data.digit_scale=[3,9]", r"data.digit_scale expected digits .* fit the 64-pixel canvas"),
+    ("data.rim=[8,3]", r"data.rim expected \[low, high\] with 0 < low <= high"),
 ]
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_values_are_rejected_before_work_naming_the_key(override, message):
     overrides = [override] + (["trainer.resume=null"] if "eval_only" in override else [])
+    if override.startswith(("task.ignore", "data.digit", "data.rim")):
+        overrides.insert(0, "task=segmentation")
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(*overrides), world_size=2, cuda=False)
 

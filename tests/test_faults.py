@@ -1,6 +1,11 @@
 """Faults injected for real: a worker SIGKILLed under torchrun --max-restarts, two simulated nodes
 on loopback, SLURM stand-ins, and a 4-rank soak with empty batches. (Preemption, killed agents
-and resume policy: test_preemption.py, test_resume.py; checkpoint writes: test_checkpoints.py.)"""
+and resume policy: test_preemption.py, test_resume.py; checkpoint writes: test_checkpoints.py.)
+
+Nothing here depends on timing: a kill or a signal lands while the workers are held at their
+first checkpoint (an injected hook that waits for the kill, or for the signal), and no port is
+picked free and hoped to stay free: the rendezvous store is hosted by the test itself on a port
+it already holds, or the ranks meet through a file (``dist.init_method=file://``)."""
 
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from torch import nn
 import syncbn
 from syncbn.training import checkpoint
 from syncbn.training.env import attempt_store
-from tests.launch import QUIET, ROOT, Launch, children, free_port, reference_run, status, wait_for
+from tests.launch import QUIET, ROOT, Launch, reference_run, status, wait_for
 from tests.launch import env as _env
+from tests.test_training import pausing_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +43,39 @@ def two_rank_run(tmp_path_factory):
     return reference_run(tmp_path_factory, *JOB, nproc=2)
 
 
-def _launch(run_dir: Path, *launcher: str) -> subprocess.Popen:
+def _launch(run_dir: Path, *launcher: str, environment: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train.py"),
            f"hydra.run.dir={run_dir}", *QUIET, *JOB]  # fmt: skip
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        cmd, cwd=ROOT, env=environment or _env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def rendezvous_store():
+    """A TCPStore the test hosts on a port it holds (port 0: the kernel picks a free one, no
+    race). torchrun agents pointed at it find the port taken and join it as clients; their
+    workers then build their process group from the same store."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          multi_tenant=True)  # fmt: skip
+    yield store
+    del store
 
 
 def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_losing_nothing(
     tmp_path, two_rank_run
 ):
     run_dir = tmp_path / "run"
-    agent = _launch(run_dir, "--standalone", "--nproc_per_node=2", "--max-restarts=1")
+    environment, paused = pausing_env(tmp_path, rank=1)  # held after its first checkpoint
+    agent = _launch(run_dir, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                    environment=environment)  # fmt: skip
+    wait_for(lambda: paused.exists() or agent.poll() is not None, "rank 1's first checkpoint")
+    pid, step = (int(v) for v in paused.read_text().split())
+    os.kill(pid, signal.SIGKILL)  # rank 1, mid-run: rank 0 waits for it in a collective
     last = run_dir / "checkpoints" / "last.pt"
-    wait_for(lambda: last.exists() or agent.poll() is not None, "the first checkpoint")
-    workers = children(agent.pid)
-    assert len(workers) == 2, f"expected 2 workers under torchrun (got {workers})"
-    os.kill(workers[1], signal.SIGKILL)
     killed_at = checkpoint.load(last)["epoch"]
+    assert checkpoint.load(last)["step"] == step
     try:
         output, _ = agent.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -64,7 +84,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_losing_nothing(
         pytest.fail(f"torchrun did not finish after the kill:\n{output[-4000:]}")
 
     assert agent.returncode == 0, output[-4000:]
-    assert killed_at < 4, "the run finished before the worker was killed"
+    assert killed_at == 1  # killed right after the checkpoint of epoch 1, of 4
     assert "attempt 2 of this torchrun job" in output, "the workers were not restarted"
     assert f"resumed from {last}" in output
     resumed = json.loads((run_dir / "metrics.json").read_text())
@@ -74,14 +94,14 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_resumes_losing_nothing(
     assert resumed["val_acc"] == two_rank_run["val_acc"]
 
 
-def test_two_nodes_on_loopback_equal_one_node(tmp_path, two_rank_run):
+def test_two_nodes_on_loopback_equal_one_node(tmp_path, two_rank_run, rendezvous_store):
     """Two torchrun launchers, one rank each, meet through c10d rendezvous on 127.0.0.1."""
     run_dir = tmp_path / "run"
     rendezvous = [
         "--nnodes=2",
         "--nproc_per_node=1",
         "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        f"--rdzv_endpoint=127.0.0.1:{rendezvous_store.port}",
         "--rdzv_id=loopback-test",
     ]
     nodes = [_launch(run_dir, *rendezvous, f"--node_rank={i}") for i in range(2)]
@@ -235,7 +255,38 @@ FAKE_SLURM = {
 }
 
 
-def _sbatch_env(tmp_path: Path, run_dir: Path) -> dict:
+PAUSE_UNTIL_A_STOP_SIGNAL = textwrap.dedent(
+    """
+    import os
+    if os.environ.get("TORCHELASTIC_RUN_ID") and not os.environ.get("SLURM_RESTART_COUNT"):
+        import threading
+        from pathlib import Path
+        import syncbn.training.loop as loop
+        import syncbn.training.preemption as preemption
+
+        signalled, saves = threading.Event(), []
+        handle, save = preemption.StopRequest._handle, loop._checkpoint
+
+        def handle_and_tell(self, signum, frame):
+            handle(self, signum, frame)
+            signalled.set()
+
+        def save_then_wait_for_a_signal(r):
+            saved = save(r)
+            saves.append(1)
+            if len(saves) == 1:  # the first checkpoint: hold until SIGTERM/SIGUSR1 arrives
+                Path(os.environ["PAUSE_MARKER"], os.environ["RANK"]).touch()
+                while not signalled.wait(0.05):  # returns to the interpreter: handlers run
+                    pass
+            return saved
+
+        preemption.StopRequest._handle = handle_and_tell
+        loop._checkpoint = save_then_wait_for_a_signal
+    """
+)
+
+
+def _sbatch_env(tmp_path: Path, run_dir: Path, port: int) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, body in FAKE_SLURM.items():
@@ -249,7 +300,7 @@ def _sbatch_env(tmp_path: Path, run_dir: Path) -> dict:
         SLURM_JOB_NODELIST="node[1-2]",
         SLURM_SUBMIT_DIR=str(ROOT),
         NPROC_PER_NODE="1",
-        MASTER_PORT=str(free_port()),
+        MASTER_PORT=str(port),
         RUN_DIR=str(run_dir),
         REQUEUE_LOG=str(tmp_path / "requeued"),
         STEP_PID=str(tmp_path / "step.pid"),
@@ -257,18 +308,25 @@ def _sbatch_env(tmp_path: Path, run_dir: Path) -> dict:
 
 
 def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_resumes(
-    tmp_path, two_rank_run
+    tmp_path, two_rank_run, rendezvous_store
 ):
     """scripts/slurm/train.sbatch with stand-ins for srun and scontrol (2 nodes, 1 rank each):
     SLURM's early warning (SIGUSR1 to the batch script, `--signal=B:USR1@90`) reaches the
     workers through srun and torchrun; they checkpoint and exit 75; the script requeues; the
     requeued job (same id) resumes and ends exactly where an uninterrupted run ends."""
     run_dir = tmp_path / "run"
-    env = _sbatch_env(tmp_path, run_dir)
+    env = _sbatch_env(tmp_path, run_dir, rendezvous_store.port)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_UNTIL_A_STOP_SIGNAL)
+    paused = tmp_path / "paused"
+    paused.mkdir()
     cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), *QUIET, *JOB,
            "trainer.ckpt_every_steps=5"]  # fmt: skip
-    job = Launch(cmd, env)
-    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists(), "a checkpoint", launch=job)
+    job = Launch(cmd, env | {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}",
+                             "PAUSE_MARKER": str(paused)})  # fmt: skip
+    wait_for(lambda: len(list(paused.iterdir())) == 2, "both ranks at their first checkpoint",
+             launch=job)  # fmt: skip
     os.kill(job.process.pid, signal.SIGUSR1)
     assert job.wait(timeout=120) == 0, job.output[-4000:]
     assert "job 4242 (requeued 0 times): 2 nodes x 1 ranks" in job.output
@@ -277,7 +335,8 @@ def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_res
     assert "is gone" not in job.output  # not the orphan fallback: the agents stayed up
     assert (tmp_path / "requeued").read_text() == "requeue 4242\n", job.output[-4000:]
     preempted = status(run_dir)
-    assert preempted["exit_code"] == 75 and preempted["step"] < 88, preempted
+    # held at step 5 until the signal; the stop is agreed at the next sync (every 10 steps)
+    assert preempted["exit_code"] == 75 and preempted["step"] == 10, preempted
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == preempted["step"]
 
     requeued = Launch(cmd, env | {"SLURM_RESTART_COUNT": "1"})
@@ -290,15 +349,21 @@ def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_res
 
 
 def test_srun_without_torchrun_takes_ranks_from_slurm(tmp_path, two_rank_run):
-    """`srun python train.py`: rank, local rank and world size come from SLURM's variables."""
+    """`srun python train.py`: rank, local rank and world size come from SLURM's variables.
+    The ranks meet through a file on a shared filesystem (``dist.init_method=file://``)."""
     run_dir = tmp_path / "run"
-    port = free_port()
+    rendezvous = f"dist.init_method=file://{tmp_path / 'rendezvous'}"
     tasks = []
     for rank in range(2):
-        env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env = {
+            k: v
+            for k, v in _env().items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        }
         env.update(SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                   SLURM_JOB_ID="77", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *JOB]
+                   SLURM_JOB_ID="77")  # fmt: skip
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *JOB,
+               rendezvous]  # fmt: skip
         tasks.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [task.communicate(timeout=240)[0] for task in tasks]

@@ -1,5 +1,7 @@
 """A non-finite loss stops the run (exit 65) or skips the step, on all ranks at once, and never
-ends up in a checkpoint. A NaN batch is injected into rank 1 only, at its 7th step."""
+ends up in a checkpoint. A NaN batch is injected into rank 1 only, at its 7th step. (Since the
+loop reads losses every ``trainer.sync_every`` steps instead of every step, ``stop`` acts at the
+next read: status.json's ``step`` is that read, ``nonfinite_step`` the bad step.)"""
 
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ NAN_ON_RANK_1_AT_STEP_7 = textwrap.dedent(
 
         train_step, calls = loop._train_step, []
 
-        def poisoned_step(r, x, y, stop_requested):
+        def poisoned_step(r, x, y, *rest):
             calls.append(1)
             if len(calls) == 7:
                 x = x * float("nan")
-            return train_step(r, x, y, stop_requested)
+            return train_step(r, x, y, *rest)
 
         loop._train_step = poisoned_step
     """
@@ -56,7 +58,10 @@ def test_stop_ends_every_rank_at_the_step_and_keeps_the_last_good_checkpoint(tmp
     assert "exitcode  : 65" in output  # torchrun's summary of the workers
     run_dir = tmp_path / "run"
     record = status(run_dir)
-    assert (record["state"], record["exit_code"], record["step"]) == ("nonfinite", 65, 7)
+    assert (record["state"], record["exit_code"], record["nonfinite_step"]) == ("nonfinite", 65, 7)
+    # Losses are read every trainer.sync_every (10) steps and before checkpoints: the run stops
+    # at the first read after step 7, before writing the step-10 checkpoint.
+    assert record["step"] == 10
     last = run_dir / "checkpoints" / checkpoint.LAST
     assert checkpoint.load(last)["step"] == 5 and _finite(last)
     assert not (run_dir / "metrics.json").exists()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,10 @@ import pytest
 import torch
 
 from syncbn.training import checkpoint, data
-from tests.launch import QUIET, ROOT, env, train, wait_for
+from syncbn.training.config_checks import ConfigError
+from tests.launch import QUIET, ROOT, Launch, command, env, train, wait_for
 from tests.test_config import compose_config
+from tests.test_data import write_image_folder
 
 EQUIVALENCE = ["trainer.augment=false", "trainer.max_steps=24", "seed=3"]
 
@@ -39,11 +44,14 @@ def test_syncbn_on_2_ranks_follows_bn_on_the_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_precise_bn_and_telemetry_leave_training_untouched(tmp_path):
-    """trainer.precise_bn_batches evaluates with both statistics; bn_telemetry_every records."""
+    """trainer.precise_bn_batches evaluates with both statistics; bn_telemetry_every records
+    what the layers saw. 3 ranks: with 2 equal ones each rank's mean is as far from the global
+    mean as the other's, and a mean drift could not be told from the worst rank's."""
     args = [*EQUIVALENCE, "norm=syncbn", "trainer.batch_size=8"]
-    plain = train(tmp_path / "plain", *args, nproc=2)
-    observed = ["trainer.precise_bn_batches=30", "trainer.bn_telemetry_every=8"]
-    precise = train(tmp_path / "precise", *args, *observed, nproc=2)
+    plain = train(tmp_path / "plain", *args, nproc=3)
+    observed = ["trainer.precise_bn_batches=30", "trainer.bn_telemetry_every=8",
+                "trainer.ckpt_every_steps=7", "trainer.keep_last=5"]  # fmt: skip
+    precise = train(tmp_path / "precise", *args, *observed, nproc=3)
     assert precise["train_loss_history"] == plain["train_loss_history"]
     assert precise["val_acc_ema"] == plain["val_acc"]  # the same model, the same EMA statistics
     assert precise["val_loss_ema"] == plain["val_loss"]
@@ -52,9 +60,46 @@ def test_precise_bn_and_telemetry_leave_training_untouched(tmp_path):
     assert point["acc_ema"] == plain["val_acc"] and point["acc"] == precise["val_acc"]
     assert [t["step"] for t in precise["bn_telemetry"]] == [8, 16, 24]
     for record in precise["bn_telemetry"]:
-        assert record["bn/features.1/global_count"] == 2 * 8 * 8 * 8  # 2 ranks x 8 digits, 8x8
-        assert 0 < record["bn/mean_drift"] < record["bn/mean_drift_max"] * 1.0001
+        assert record["bn/features.1/global_count"] == 3 * 8 * 8 * 8  # 3 ranks x 8 digits, 8x8
     assert plain["bn_telemetry"] == []
+    # Step 8's drifts of the first layer, computed here from the weights step 8 ran with (the
+    # step-7 checkpoint) and the batches each rank read at step 8.
+    saved = checkpoint.load(tmp_path / "precise" / "checkpoints" / "step-00000007.pt")
+    expected = _first_layer_drifts(saved["model"], compose_config(*args), step=8, ranks=3)
+    recorded = precise["bn_telemetry"][0]
+    assert expected["mean_drift"] < 0.99 * expected["mean_drift_max"]
+    for key, value in expected.items():
+        assert recorded[f"bn/features.1/{key}"] == pytest.approx(value, rel=1e-4), key
+
+
+def _first_layer_drifts(model: dict, cfg, step: int, ranks: int) -> dict[str, float]:
+    """``mean_drift`` and ``var_drift`` of the first BN layer (its input: the first conv of the
+    un-augmented images each rank read at ``step``), as syncbn/telemetry.py defines them:
+    RMS over channels of ``(mu_r - mu) / sqrt(var + eps)`` and of ``(var_r + eps) / (var + eps)
+    - 1``, averaged over the ranks and the worst rank."""
+    splits = data.load(cfg.data, augment=False)
+    weight = model["features.0.weight"].double()
+    batch = cfg.trainer.batch_size
+    start = (step - 1) * batch * ranks
+    outputs = []
+    for rank in range(ranks):
+        shard = data.EpochShard(len(splits.train), rank, ranks, batch, cfg.seed, 0, start)
+        images = torch.stack([splits.train_eval[i][0] for i in shard.indices[:batch]])
+        outputs.append(torch.nn.functional.conv2d(images.double(), weight, padding=1))
+    everything = torch.cat(outputs)
+    mean, var = everything.mean(dim=(0, 2, 3)), everything.var(dim=(0, 2, 3), unbiased=False)
+    eps = 1e-5
+    d_mean, d_var = [], []
+    for out in outputs:
+        local_mean, local_var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3), unbiased=False)
+        d_mean.append(((local_mean - mean).square() / (var + eps)).mean().sqrt().item())
+        d_var.append((((local_var + eps) / (var + eps) - 1).square()).mean().sqrt().item())
+    return {
+        "mean_drift": sum(d_mean) / ranks,
+        "mean_drift_max": max(d_mean),
+        "var_drift": sum(d_var) / ranks,
+        "var_drift_max": max(d_var),
+    }
 
 
 @pytest.mark.slow
@@ -70,8 +115,44 @@ def test_default_job_learns_digits_and_logs_offline_to_wandb(tmp_path):
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     (records,) = offline.glob("run-*.wandb")
     content = records.read_bytes()
-    for name in (b"train/loss", b"train/lr", b"val/acc", b"val/loss", b"final/val_acc"):
+    for name in (b"train/loss", b"train/lr", b"val/acc", b"val/top5", b"val/loss",
+                 b"final/val_acc"):  # fmt: skip
         assert name in content, f"{name!r} not logged to the offline W&B run"
+    assert 0.99 <= metrics["val_top5"] <= 1.0
+
+
+PAUSE_AFTER_FIRST_CHECKPOINT = textwrap.dedent(
+    """
+    import os
+    marker = os.environ.get("PAUSE_MARKER")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if marker and attempt == "0" and os.environ.get("RANK", "0") == os.environ["PAUSE_RANK"]:
+        import threading
+        from pathlib import Path
+        import syncbn.training.loop as loop
+
+        save = loop._checkpoint
+
+        def save_then_pause(r):
+            saved = save(r)
+            Path(marker + ".tmp").write_text(f"{os.getpid()} {r.state.step}")
+            os.replace(marker + ".tmp", marker)
+            threading.Event().wait()  # mid-run, until the test kills this process
+            return saved
+
+        loop._checkpoint = save_then_pause
+    """
+)
+
+
+def pausing_env(tmp_path: Path, rank: int = 0) -> tuple[dict, Path]:
+    """An environment whose rank ``rank`` stops dead after its first checkpoint (the first
+    torchrun attempt only) and says so in a marker file: a kill then lands mid-run, always."""
+    (tmp_path / "sitecustomize.py").write_text(PAUSE_AFTER_FIRST_CHECKPOINT)
+    marker = tmp_path / "paused"
+    environment = env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", PAUSE_MARKER=str(marker),
+                      PAUSE_RANK=str(rank))  # fmt: skip
+    return environment, marker
 
 
 @pytest.mark.slow
@@ -80,17 +161,17 @@ def test_sigkill_mid_training_then_resume_ends_where_an_uninterrupted_run_ends(t
     uninterrupted = train(tmp_path / "whole", *args)
 
     run_dir = tmp_path / "killed"
+    environment, paused = pausing_env(tmp_path)
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *QUIET, *args]
     process = subprocess.Popen(
-        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    last = run_dir / "checkpoints" / "last.pt"
-    wait_for(lambda: last.exists() or process.poll() is not None, "the first checkpoint")
+    wait_for(lambda: paused.exists() or process.poll() is not None, "the first checkpoint")
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    epochs_done = checkpoint.load(last)["epoch"]
-    assert 1 <= epochs_done < 5
+    assert not (run_dir / "metrics.json").exists()
+    last = run_dir / "checkpoints" / "last.pt"
+    assert checkpoint.load(last)["epoch"] == 1  # paused right after it: nothing later
 
     resumed = train(run_dir, *args)  # trainer.resume=auto is the default
     assert resumed["train_loss_history"] == uninterrupted["train_loss_history"]
@@ -123,10 +204,22 @@ def test_cifar10_reads_the_python_pickle_format(tmp_path):
     assert (splits.in_channels, splits.num_classes) == (3, 10)
 
 
+def test_cifar10_is_normalized_per_channel_with_training_statistics(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in (1, 2):
+        _write_cifar_batch(folder / f"data_batch_{i}", 6, i)
+    _write_cifar_batch(folder / "test_batch", 4, 9)
+    splits = data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
+    train = torch.stack([splits.train_eval[i][0] for i in range(len(splits.train_eval))])
+    val = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
+    torch.testing.assert_close(train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(train.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5, rtol=0)
+    assert val.mean(dim=(0, 2, 3)).abs().max() > 1e-3  # mapped with the training numbers
+
+
 def test_cifar10_missing_directory_says_what_to_do(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"cifar-10-batches-py/data_batch_1 \(got data.root="
-    ):
+    with pytest.raises(ConfigError, match=r"cifar-10-batches-py/data_batch_1 \(got data.root="):
         data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
 
 
@@ -140,6 +233,46 @@ def test_more_ranks_times_batch_than_samples_is_rejected_before_training(tmp_pat
         done.stderr
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_segmentation_on_2_ranks_at_one_image_each_reports_mean_iou(tmp_path):
+    """task=segmentation: the DeepLab model with SyncBN at 1 image per rank; val_miou in
+    metrics.json, in W&B and in rank 0's log line; every validation pixel counted once."""
+    run_dir = tmp_path / "run"
+    launch = Launch(command(run_dir, "task=segmentation", "trainer.batch_size=1",
+                            "trainer.max_steps=4", "data.num_train=16", "data.num_val=6",
+                            "logger.mode=offline", "trainer.log_every=1", nproc=2))  # fmt: skip
+    assert launch.wait() == 0, launch.output[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation" and metrics["world_size"] == 2
+    assert 0 <= metrics["val_miou"] <= 1 and len(metrics["val_iou"]) == 11
+    assert metrics["best"]["metric"] == "miou"
+    cfg = compose_config("task=segmentation", "data.num_train=16", "data.num_val=6")
+    scenes = data.load(cfg.data, augment=False)
+    labelled = sum(int((scenes.val[i][1] != 255).sum()) for i in range(6))
+    assert metrics["val_count"] == labelled
+    assert f"val_miou {metrics['val_miou']:.4f}" in launch.output
+    (records,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"val/miou" in records.read_bytes() and b"final/val_miou" in records.read_bytes()
+
+
+@pytest.mark.slow
+def test_your_model_by_import_path_on_your_image_folder(tmp_path):
+    """model._target_ naming a class of the user's (here the tests'), data=imagefolder with PNG
+    files, a DataLoader worker process kept across epochs: trains, converts to SyncBN, evaluates
+    every validation image once."""
+    root = write_image_folder(tmp_path / "images", per_class=6)
+    metrics = train(
+        tmp_path / "run", "model=custom", "model._target_=tests.toy_models.TinyNet",
+        "+model.width=4", "data=imagefolder", f"data.root={root}", "data.image_size=16",
+        "loader.workers=1", "trainer.batch_size=4", "trainer.epochs=2", "norm=syncbn",
+    )  # fmt: skip
+    assert metrics["val_count"] == 6 and metrics["epochs"] == 2 and metrics["steps"] == 8
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "_target_: tests.toy_models.TinyNet" in config and "width: 4" in config
+    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert saved["body.1.num_batches_tracked"] == 8  # its BatchNorm trained (as SyncBatchNorm)
 
 
 def test_validation_shards_cover_every_sample_once():

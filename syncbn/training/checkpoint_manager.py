@@ -3,9 +3,9 @@
 Every checkpoint is written once, as ``checkpoints/step-<step>.pt``; ``last.pt`` is then made a
 hard link to it (no second write), and step files beyond the newest ``keep_last`` are deleted
 (``last.pt`` and ``best.pt`` keep their data through their own links). ``best.pt`` is the
-training state at the evaluation with the best validation metric so far (``acc``: highest,
-``loss``: lowest); it is linked to the step file of the same step when there is one, written
-otherwise. Only one process (rank 0) writes; all file operations are atomic
+training state at the evaluation with the best validation metric so far (``acc``, ``top5``,
+``miou``: highest; ``loss``: lowest); it is linked to the step file of the same step when
+there is one, written otherwise. Only one process (rank 0) writes; all file operations are atomic
 (:mod:`syncbn.training.checkpoint`).
 """
 
@@ -23,6 +23,7 @@ from . import checkpoint
 log = logging.getLogger(__name__)
 
 BEST = "best.pt"
+HIGHER_IS_BETTER = ("acc", "top5", "miou")
 _STEP = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -32,7 +33,8 @@ class CheckpointManager:
     Args:
         directory: ``run_dir/checkpoints``.
         keep_last: how many ``step-*.pt`` files to keep (the newest). ``trainer.keep_last``.
-        best_metric: ``"acc"`` (max), ``"loss"`` (min) or None (no ``best.pt``).
+        best_metric: ``"acc"``, ``"top5"``, ``"miou"`` (max), ``"loss"`` (min) or None (no
+            ``best.pt``).
         writer: whether this process writes (rank 0); the others only track the best value.
     """
 
@@ -69,7 +71,9 @@ class CheckpointManager:
             return False
         if best is None or best.get("metric") != self.best_metric:
             return True
-        return value > best["value"] if self.best_metric == "acc" else value < best["value"]
+        if self.best_metric in HIGHER_IS_BETTER:
+            return value > best["value"]
+        return value < best["value"]
 
     def save_best(self, state: Callable[[], dict[str, Any]], step: int) -> Path:
         """Make ``best.pt`` the state at ``step``: a link to the step file this process just

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ..distributed import divisors
 from .env import world_size_from_env
@@ -36,6 +37,8 @@ def validate(cfg, world_size: int | None = None, cuda: bool | None = None) -> No
         *_optim(cfg.optim),
         *_data(cfg.data),
         *_model(cfg.model),
+        *_task(cfg),
+        *_loader(cfg.loader),
         *_dist_and_logger(cfg, world_size, cuda),
     ]
     if problems:
@@ -57,9 +60,15 @@ def _trainer(t) -> Iterator[str]:
             f"trainer.max_steps expected > 0 or null (got {t.max_steps}); null trains "
             f"trainer.epochs={t.epochs} epochs"
         )
-    for key in ("batch_size", "eval_every", "ckpt_every", "log_every", "keep_last"):
+    for key in ("batch_size", "eval_batch_size", "eval_every", "ckpt_every", "sync_every",
+                "log_every", "keep_last", "accumulate"):  # fmt: skip
         if not _positive_int(t[key]):
             yield f"trainer.{key} expected > 0 (got {t[key]})"
+    if _positive_int(t.batch_size) and _positive_int(t.accumulate) and t.batch_size % t.accumulate:
+        yield (
+            f"trainer.accumulate expected a divisor of trainer.batch_size={t.batch_size} (got "
+            f"{t.accumulate}): each rank's batch is split into that many equal micro-batches"
+        )
     if not _positive_int(t.max_consecutive_skips):
         yield f"trainer.max_consecutive_skips expected > 0 (got {t.max_consecutive_skips})"
     for key in ("eval_every_steps", "ckpt_every_steps", "precise_bn_batches", "bn_telemetry_every"):
@@ -101,22 +110,74 @@ def _data(d) -> Iterator[str]:
             f"data.val_fraction expected a fraction in (0, 1) (got {d.val_fraction}): the "
             f"validation split must hold samples and so must the training split"
         )
-    if d.augment_shift < 0:
+    if "augment_shift" in d and d.augment_shift < 0:
         yield f"data.augment_shift expected >= 0 pixels (got {d.augment_shift})"
-    for key in ("num_samples", "image_size", "channels"):
+    for key in ("num_samples", "image_size", "channels", "canvas", "num_train", "num_val"):
         if key in d and not _positive_int(d[key]):
             yield f"data.{key} expected > 0 (got {d[key]})"
     if "num_classes" in d and not (isinstance(d.num_classes, int) and d.num_classes >= 2):
         yield f"data.num_classes expected >= 2 (got {d.num_classes})"
+    if "pad" in d and d.pad < 0:
+        yield f"data.pad expected >= 0 pixels (got {d.pad})"
+    for key in ("scale", "ratio", "digits_per_image", "digit_scale", "rim"):
+        if key in d and not _increasing_pair(d[key]):
+            yield f"data.{key} expected [low, high] with 0 < low <= high (got {list(d[key])})"
+    if "scale" in d and _increasing_pair(d.scale) and d.scale[1] > 1:
+        yield f"data.scale expected area fractions in (0, 1] (got {list(d.scale)})"
+    if "canvas" in d and "digit_scale" in d and _increasing_pair(d.digit_scale):
+        if _positive_int(d.canvas) and 8 * d.digit_scale[1] > d.canvas:
+            yield (
+                f"data.digit_scale expected digits (8 x scale pixels) that fit the "
+                f"{d.canvas}-pixel canvas (got {list(d.digit_scale)})"
+            )
+    if "resize_ratio" in d and not (_finite(d.resize_ratio) and 0 < d.resize_ratio <= 1):
+        yield f"data.resize_ratio expected a number in (0, 1] (got {d.resize_ratio})"
+    for key in ("mean", "std"):
+        if key in d and (len(d[key]) != 3 or not all(_finite(v) for v in d[key])):
+            yield f"data.{key} expected 3 numbers, one per RGB channel (got {list(d[key])})"
+    if "std" in d and not all(_positive_finite(v) for v in d.std):
+        yield f"data.std expected numbers > 0 (got {list(d.std)})"
 
 
 def _model(m) -> Iterator[str]:
-    if len(m.widths) == 0 or not all(_positive_int(w) for w in m.widths):
+    if "_target_" not in m or OmegaConf.is_missing(m, "_target_") or not m._target_:
+        yield (
+            "model._target_ expected the import path of a class or function returning an "
+            "nn.Module (got none); e.g. model._target_=torchvision.models.resnet50"
+        )
+    if "widths" in m and (len(m.widths) == 0 or not all(_positive_int(w) for w in m.widths)):
         yield f"model.widths expected a non-empty list of channel counts > 0 (got {list(m.widths)})"
-    if not _positive_int(m.blocks_per_stage):
+    if "blocks_per_stage" in m and not _positive_int(m.blocks_per_stage):
         yield f"model.blocks_per_stage expected > 0 (got {m.blocks_per_stage})"
-    if not _positive_finite(m.init_scale):
+    if "init_scale" in m and not _positive_finite(m.init_scale):
         yield f"model.init_scale expected a finite number > 0 (got {m.init_scale})"
+
+
+def _task(cfg) -> Iterator[str]:
+    from .tasks import TASKS  # the tasks import this module
+
+    task = TASKS.get(str(cfg.task.name))
+    data = str(cfg.data.name)
+    if task is not None and data not in task.datasets:
+        yield (
+            f"task={cfg.task.name} expected data from {list(task.datasets)} (got data={data}); "
+            f"choose one of those, or the task that reads {data}"
+        )
+    smoothing = cfg.task.label_smoothing
+    if not (_finite(smoothing) and 0 <= smoothing < 1):
+        yield f"task.label_smoothing expected a number in [0, 1) (got {smoothing})"
+    if "ignore_index" in cfg.data and cfg.data.ignore_index != cfg.task.ignore_index:
+        yield (
+            f"task.ignore_index expected data.ignore_index={cfg.data.ignore_index}, the label "
+            f"the data gives unlabelled pixels (got {cfg.task.ignore_index})"
+        )
+
+
+def _loader(loader) -> Iterator[str]:
+    if not (isinstance(loader.workers, int) and loader.workers >= 0):
+        yield f"loader.workers expected >= 0 (got {loader.workers}); 0 loads in the main process"
+    if not _positive_int(loader.prefetch_factor):
+        yield f"loader.prefetch_factor expected > 0 (got {loader.prefetch_factor})"
 
 
 def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
@@ -128,6 +189,12 @@ def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
     ]:
         if not _positive_finite(value):
             yield f"{key} expected a finite number of seconds > 0 (got {value})"
+    init = dist.init_method
+    if init is not None and not str(init).startswith(("file://", "tcp://", "env://")):
+        yield (
+            f"dist.init_method expected null, file:///path, tcp://host:port or env:// (got "
+            f"{init!r})"
+        )
     if dist.backend == "nccl" and not cuda:
         yield (
             "dist.backend=nccl expected CUDA GPUs (got torch.cuda.is_available() == False); "
@@ -150,6 +217,10 @@ def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
             f"norm.group_size expected a divisor of the world size {world_size} (got {group_size});"
             f" choose one of {divisors(world_size)} or null"
         )
+
+
+def _increasing_pair(value) -> bool:
+    return len(value) == 2 and all(_positive_finite(v) for v in value) and value[0] <= value[1]
 
 
 def _positive_int(value) -> bool:

@@ -39,11 +39,15 @@ def world_size_from_env() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
-def setup(backend: str = "auto", timeout_s: float = 300.0) -> DistEnv:
+def setup(
+    backend: str = "auto", timeout_s: float = 300.0, init_method: str | None = None
+) -> DistEnv:
     """Join the process group torchrun (or srun) describes, or run single-process.
 
     ``backend="auto"`` picks NCCL with one GPU per local rank when CUDA is present, gloo otherwise.
     The timeout bounds every collective, so a dead peer ends the run instead of hanging it.
+    ``init_method`` (``dist.init_method``, e.g. ``file:///shared/rendezvous``) replaces the
+    MASTER_ADDR/MASTER_PORT rendezvous: no port to agree on.
     """
     world_size = world_size_from_env()
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
@@ -56,19 +60,22 @@ def setup(backend: str = "auto", timeout_s: float = 300.0) -> DistEnv:
         torch.cuda.set_device(device)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         return DistEnv(rank, local_rank, 1, device, None)
-    if world_size > 1 and "MASTER_ADDR" not in os.environ:
+    if world_size > 1 and "MASTER_ADDR" not in os.environ and not init_method:
         raise RuntimeError(
             f"WORLD_SIZE={world_size} but MASTER_ADDR is not set; launch with torchrun "
             "(e.g. torchrun --standalone --nproc_per_node=2 train.py) or set MASTER_ADDR/PORT"
         )
     timeout = timedelta(seconds=timeout_s)
     store = None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if init_method:
+        pass  # the file (or tcp://) rendezvous of init_process_group
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         store, attempt = attempt_store(rank, world_size, timeout)
         if attempt > 1:
             log.info("rank %d: attempt %d of this torchrun job (a restart)", rank, attempt)
     dist.init_process_group(
         backend,
+        init_method=init_method if store is None else None,
         store=store,
         rank=rank,
         world_size=world_size,

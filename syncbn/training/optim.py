@@ -20,21 +20,31 @@ which on an unchanged world size is the usual per-step warmup-cosine schedule.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
 
 def build(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over two groups: weights with decay, norm parameters and biases without."""
+    """SGD or AdamW over two groups: weights with decay, norm parameters and biases without.
+
+    The fused implementation (one kernel for all parameters, on CPU and CUDA) when torch has it
+    for the parameters' device: it can also skip a step on the device (``found_inf``, see
+    :mod:`syncbn.training.nonfinite`).
+    """
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay}, {"params": no_decay}]
     if cfg.name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        make = partial(torch.optim.SGD, momentum=cfg.momentum, nesterov=cfg.nesterov)
     elif cfg.name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        make = partial(torch.optim.AdamW, betas=tuple(cfg.betas))
     else:  # the schema's OptimName keeps this out
         raise ValueError(f"optim.name expected one of ('sgd', 'adamw') (got {cfg.name!r})")
+    try:
+        optimizer = make(groups, lr=cfg.lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch
+        optimizer = make(groups, lr=cfg.lr)
     apply_hparams(optimizer, cfg)
     return optimizer
 

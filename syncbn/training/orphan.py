@@ -5,7 +5,7 @@ to its workers, and they used to train to the end, then race a relaunched job fo
 directory. :func:`watch_parent` starts a daemon thread that polls the parent pid (a
 ``getppid()`` system call every ``poll_s``; the parent of a torchrun worker is its agent). Once
 the parent is gone it sends this process SIGTERM, which the training loop treats like a
-preemption (all ranks stop at the next step boundary, checkpoint, exit 75); if the process is
+preemption (all ranks stop at the next sync, checkpoint, exit 75); if the process is
 still alive ``grace_s`` later (a peer died too and a collective hangs), it exits hard with
 :data:`ORPHANED`.
 

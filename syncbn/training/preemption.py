@@ -1,12 +1,13 @@
-"""Stop requests: SIGTERM and SIGUSR1 ask the run to checkpoint and exit at the next step.
+"""Stop requests: SIGTERM and SIGUSR1 ask the run to checkpoint and exit at the next sync.
 
 SLURM sends SIGTERM before a time limit or a preemption (and ``sbatch --signal=USR1@90`` sends
 SIGUSR1 ahead of it); torchrun's agent forwards the signals it handles to its workers. A signal
-only sets a flag here; it is the training loop that acts on it, at a step boundary and on all
-ranks at once: each rank's flag rides as one more value in the loss all-reduce that every step
-does anyway, so the ranks agree on "someone was asked to stop" with no extra collective and no
-extra host sync. The loop then writes a checkpoint, flushes W&B and exits with
-75 (``exit_codes.PREEMPTED``).
+only sets a flag here; it is the training loop that acts on it, at its next sync point (every
+``trainer.sync_every`` steps, :mod:`syncbn.training.steplog`) and on all ranks at once: each
+rank's flag rides as one more value in the all-reduce of the steps' losses that the sync does
+anyway, so the ranks agree on "someone was asked to stop" with no extra collective and no extra
+host sync. The loop then writes a checkpoint, flushes W&B and exits with 75
+(``exit_codes.PREEMPTED``). Worst case, that is ``sync_every`` steps after the signal.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class StopRequest:
         if self.received is None:
             self.received = signum
             log.warning(
-                "got %s: checkpointing and exiting at the next step boundary",
+                "got %s: checkpointing and exiting at the next sync (trainer.sync_every steps "
+                "at most)",
                 signal.Signals(signum).name,
             )
 

@@ -4,8 +4,9 @@ A checkpoint carries the config it was trained with. On resume the current confi
 key by key with it:
 
 - **refused** (the run would no longer be the same run): ``model.*``, ``norm.name``, ``data.*``
-  except ``data.root``, ``optim.name``, ``seed``. Resuming with any of them changed is a
-  :class:`~syncbn.training.config_checks.ConfigError` naming each key with both values.
+  except ``data.root``, ``optim.name``, ``seed``, ``task.name``, ``task.ignore_index``.
+  Resuming with any of them changed is a :class:`~syncbn.training.config_checks.ConfigError`
+  naming each key with both values.
 - **the global batch** (world size, ``trainer.batch_size``, ``norm.group_size``): allowed, with
   a warning that says what SyncBN now normalizes over. Progress is counted in samples
   (:mod:`syncbn.training.progress`), so the run still trains the amount asked for.
@@ -27,7 +28,7 @@ from .config_checks import ConfigError
 
 log = logging.getLogger(__name__)
 
-REFUSED = ("model", "norm.name", "data", "optim.name", "seed")
+REFUSED = ("model", "norm.name", "data", "optim.name", "seed", "task.name", "task.ignore_index")
 ALLOWED_IN_REFUSED = ("data.root",)
 IGNORED = ("run_dir", "trainer.resume", "trainer.eval_only")
 

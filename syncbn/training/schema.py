@@ -1,8 +1,12 @@
 """The types and choices of train.py's configuration: Hydra structured configs.
 
-Each config group in ``conf/`` (``model``, ``data``, ``norm``, ``optim``, ``trainer``, ``logger``,
+Each config group in ``conf/`` (``data``, ``norm``, ``optim``, ``trainer``, ``loader``, ``logger``,
 ``dist``) has a dataclass here, registered in Hydra's ConfigStore as ``<group>/schema`` (``data``:
-one per dataset), and every yaml file of the group lists it first in its defaults list. The yaml
+one per dataset), and every yaml file of the group lists it first in its defaults list. ``task``
+files are global packages (they also choose the task's default data and model), typed through
+:class:`Config`. ``model`` has no schema: its keys are the arguments of whatever class
+``model._target_`` names (``+model.ARG=value``); :mod:`syncbn.training.config_checks` and the
+model itself check them. The yaml
 files hold the values (and a comment on every key); these classes hold the types: Hydra rejects
 ``optim.lr=abc``, ``trainer.compile=no_thanks`` or ``dist.backend=mpi`` while composing, naming
 the key, before train.py runs a line. Ranges (``optim.lr > 0``, ...) are checked by
@@ -41,6 +45,24 @@ class DataName(Choice):
     digits = "digits"
     synthetic = "synthetic"
     cifar10 = "cifar10"
+    imagefolder = "imagefolder"
+    digit_scenes = "digit_scenes"
+
+
+class TaskName(Choice):
+    classification = "classification"
+    segmentation = "segmentation"
+
+
+class Augment(Choice):
+    random_resized_crop = "random_resized_crop"
+    pad_crop = "pad_crop"
+    none = "none"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"  # torch.autocast(dtype=torch.bfloat16): CUDA and CPU
 
 
 class OptimName(Choice):
@@ -71,15 +93,17 @@ class NonFinite(Choice):
 
 
 class BestMetric(Choice):
-    acc = "acc"  # validation accuracy, higher is better
+    acc = "acc"  # validation accuracy (segmentation: pixel accuracy), higher is better
     loss = "loss"  # validation loss, lower is better
+    top5 = "top5"  # classification: top-5 accuracy, higher is better
+    miou = "miou"  # segmentation: mean IoU, higher is better
 
 
 @dataclass
-class ModelConfig:
-    widths: list[int] = MISSING
-    blocks_per_stage: int = MISSING
-    init_scale: float = MISSING
+class TaskConfig:
+    name: TaskName = MISSING
+    label_smoothing: float = MISSING
+    ignore_index: int = MISSING
 
 
 @dataclass
@@ -108,6 +132,32 @@ class Cifar10Config:
 
 
 @dataclass
+class ImageFolderConfig:
+    name: DataName = MISSING
+    root: str | None = MISSING
+    image_size: int = MISSING
+    augment: Augment = MISSING
+    scale: list[float] = MISSING
+    ratio: list[float] = MISSING
+    pad: int = MISSING
+    flip: bool = MISSING
+    resize_ratio: float = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+
+
+@dataclass
+class DigitScenesConfig(DigitsConfig):
+    canvas: int = MISSING
+    digits_per_image: list[int] = MISSING
+    digit_scale: list[int] = MISSING
+    rim: list[float] = MISSING
+    ignore_index: int = MISSING
+    num_train: int = MISSING
+    num_val: int = MISSING
+
+
+@dataclass
 class NormConfig:
     name: NormName = MISSING
     group_size: int | None = MISSING
@@ -133,8 +183,12 @@ class TrainerConfig:
     epochs: int = MISSING
     max_steps: int | None = MISSING
     batch_size: int = MISSING
+    accumulate: int = MISSING
+    eval_batch_size: int = MISSING
     augment: bool = MISSING
-    amp: bool = MISSING
+    precision: Precision = MISSING
+    channels_last: bool = MISSING
+    cudnn_benchmark: bool = MISSING
     compile: bool = MISSING
     grad_clip: float | None = MISSING
     nonfinite: NonFinite = MISSING
@@ -150,8 +204,17 @@ class TrainerConfig:
     keep_last: int = MISSING
     best_metric: BestMetric | None = MISSING
     resume: str | None = MISSING
+    sync_every: int = MISSING
     log_every: int = MISSING
     progress: bool = MISSING
+
+
+@dataclass
+class LoaderConfig:
+    workers: int = MISSING
+    pin_memory: bool | None = MISSING
+    persistent_workers: bool = MISSING
+    prefetch_factor: int = MISSING
 
 
 @dataclass
@@ -168,6 +231,7 @@ class LoggerConfig:
 @dataclass
 class DistConfig:
     backend: Backend = MISSING
+    init_method: str | None = MISSING
     timeout_s: float = MISSING
     orphan_grace_s: float = MISSING
 
@@ -176,11 +240,13 @@ class DistConfig:
 class Config:
     """The top level (``conf/config.yaml``): the groups, then ``seed`` and ``run_dir``."""
 
-    model: ModelConfig = MISSING
-    data: Any = MISSING  # one of DigitsConfig, SyntheticConfig, Cifar10Config
+    task: TaskConfig = MISSING
+    model: Any = MISSING  # the arguments of model._target_
+    data: Any = MISSING  # one of the data schemas below
     norm: NormConfig = MISSING
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
+    loader: LoaderConfig = MISSING
     logger: LoggerConfig = MISSING
     dist: DistConfig = MISSING
     seed: int = MISSING
@@ -188,10 +254,12 @@ class Config:
 
 
 GROUPS = {
-    ("model", "schema"): ModelConfig,
     ("data", "schema_digits"): DigitsConfig,
     ("data", "schema_synthetic"): SyntheticConfig,
     ("data", "schema_cifar10"): Cifar10Config,
+    ("data", "schema_imagefolder"): ImageFolderConfig,
+    ("data", "schema_digit_scenes"): DigitScenesConfig,
+    ("loader", "schema"): LoaderConfig,
     ("norm", "schema"): NormConfig,
     ("optim", "schema"): OptimConfig,
     ("trainer", "schema"): TrainerConfig,

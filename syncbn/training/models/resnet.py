@@ -6,10 +6,6 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..batchnorm import SyncBatchNorm
-from ..convert import convert_sync_batchnorm
-from ..distributed import new_sync_group
-
 NORMS = ("syncbn", "bn", "none")
 
 
@@ -23,12 +19,17 @@ def norm_factory(norm: str) -> Callable[[int], nn.Module]:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: Callable[[int], nn.Module]):
+    """Two 3x3 convolutions with a residual connection; ``dilation`` for dense prediction."""
+
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, norm: Callable[[int], nn.Module],
+        dilation: int = 1,
+    ):  # fmt: skip
         super().__init__()
         bias = isinstance(norm(1), nn.Identity)  # convs need a bias only without a norm
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=bias)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, dilation, dilation, bias=bias)
         self.norm1 = norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=bias)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, dilation, dilation, bias=bias)
         self.norm2 = norm(c_out)
         self.act = nn.ReLU(inplace=True)
         self.shortcut = nn.Identity()
@@ -41,8 +42,28 @@ class BasicBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
+def kaiming_init(model: nn.Module, scale: float = 1.0) -> None:
+    """Kaiming init of every conv and linear layer, times ``scale``, zero biases."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            m.weight.data.mul_(scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class ResNet(nn.Module):
-    """stem -> stages of BasicBlocks (each after the first halves the resolution) -> pool -> fc."""
+    """stem -> stages of BasicBlocks (each after the first halves the resolution) -> pool -> fc.
+
+    Args:
+        in_channels: input channels (train.py passes the dataset's).
+        num_classes: outputs (train.py passes the dataset's).
+        widths: channels of each stage.
+        blocks_per_stage: BasicBlocks per stage.
+        norm: ``bn`` or ``syncbn`` (BatchNorm2d; train.py converts for syncbn) or ``none``
+            (no norm layers; convolutions get biases).
+        init_scale: multiplies the Kaiming init (the initialization-sensitivity experiment).
+    """
 
     def __init__(
         self,
@@ -71,50 +92,7 @@ class ResNet(nn.Module):
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)
         )
-        self._init(init_scale)
-
-    def _init(self, scale: float) -> None:
-        """Kaiming init times ``scale``: the knob of the initialization-sensitivity experiment."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                m.weight.data.mul_(scale)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        kaiming_init(self, init_scale)
 
     def forward(self, x):
         return self.head(self.features(x))
-
-
-def build_model(
-    cfg,
-    norm: str,
-    in_channels: int,
-    num_classes: int,
-    sync_group_size=None,
-    debug: bool | None = None,
-    check_finite: bool | None = None,
-):
-    """The configured model; with ``norm=syncbn`` its BatchNorms become SyncBatchNorm.
-
-    ``debug`` and ``check_finite`` switch SyncBatchNorm's checks on or off (``None``: the
-    ``SYNCBN_DEBUG`` / ``SYNCBN_CHECK_FINITE`` environment decides).
-    """
-    model = ResNet(
-        in_channels,
-        num_classes,
-        widths=list(cfg.widths),
-        blocks_per_stage=cfg.blocks_per_stage,
-        norm=norm,
-        init_scale=cfg.init_scale,
-    )
-    if norm == "syncbn":
-        group = new_sync_group(sync_group_size) if sync_group_size else None
-        model = convert_sync_batchnorm(model, process_group=group)
-        for layer in model.modules():
-            if isinstance(layer, SyncBatchNorm):
-                if debug is not None:
-                    layer.debug = bool(debug)
-                if check_finite is not None:
-                    layer.check_finite = bool(check_finite)
-    return model
