@@ -12,7 +12,7 @@ import time
 import pytest
 
 from syncbn.training.wandb_logger import probe
-from tests.launch import Launch, command, env, free_port
+from tests.launch import Launch, command, env
 
 FAKE_KEY = "a" * 40  # W&B checks the key's form before it talks to the server
 
@@ -76,7 +76,9 @@ def test_the_probe_tells_a_silent_or_closed_server_from_one_that_answers(
     started = time.monotonic()
     assert "no answer within 0.5 s" in probe(silent_server, 0.5)
     assert time.monotonic() - started < 5
-    assert "refused" in probe(f"http://127.0.0.1:{free_port()}", 0.5)
+    with socket.socket() as closed:  # bound, never listening: connections are refused, and no
+        closed.bind(("127.0.0.1", 0))  # other process can take the port while we hold it
+        assert "refused" in probe(f"http://127.0.0.1:{closed.getsockname()[1]}", 0.5)
     assert probe(unavailable_server, 0.5) is None  # it answers: wandb.init may try
 
 
