@@ -10,18 +10,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import distributed as sbdist
 from .debug import env_flag
 from .function import SyncBatchNormFunction, SyncSpec, reads_totals_on_host
-from .kernels import local_moments64
+from .kernels import local_moments64, memory_format
 from .moments import layer_signature
 
 __all__ = ["SyncBatchNorm"]
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -203,7 +195,7 @@ class SyncBatchNorm(_BatchNorm):
         # SyncBatchNorm's own forward: a subclass's (norm + activation) wraps this one.
         rows = SyncBatchNorm.forward(self, channels_last[real])  # (M, C)
         output = torch.zeros_like(channels_last).index_put((real,), rows)
-        return output.movedim(-1, 1).contiguous(memory_format=_memory_format(input))
+        return output.movedim(-1, 1).contiguous(memory_format=memory_format(input))
 
     def _expand_mask(self, input: Tensor, mask: Tensor) -> Tensor:
         """``mask`` validated and expanded to ``(N, *)``: the input's shape without channels."""

@@ -46,7 +46,7 @@ from . import debug as sbdebug
 from . import distributed as sbdist
 from . import kernels as sbkernels
 from .distributed import all_reduce_sum
-from .kernels import channel_view, reduce_dims, stat_dtype
+from .kernels import channel_view, memory_format, reduce_dims, stat_dtype
 from .moments import layer_signature, pack, tail
 
 __all__ = ["SyncBatchNormFunction", "SyncSpec", "reads_totals_on_host", "sync_batch_norm"]
@@ -356,15 +356,7 @@ def _autocast_off(device_type: str):
 
 def _dense(t: Tensor, like: Tensor | None = None) -> Tensor:
     """Dense in ``like``'s (default: its own) memory format, as the CUDA kernels need."""
-    return t.contiguous(memory_format=_memory_format(like if like is not None else t))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return t.contiguous(memory_format=memory_format(like if like is not None else t))
 
 
 def _empty_result(x: Tensor, reduced: Tensor) -> Tensor:
@@ -378,7 +370,7 @@ def _empty_result(x: Tensor, reduced: Tensor) -> Tensor:
     a dependence no compiler pass folds away (``stat * 0`` is folded to a constant).
     """
     expanded = channel_view(reduced.to(x.dtype), x).expand(x.shape)
-    return expanded.clone(memory_format=_memory_format(x))
+    return expanded.clone(memory_format=memory_format(x))
 
 
 def _empty_sum(dy: Tensor, dtype: torch.dtype) -> Tensor:

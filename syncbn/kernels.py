@@ -46,7 +46,14 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-__all__ = ["FusedKernels", "PortableKernels", "kernels_for", "local_moments64", "stat_dtype"]
+__all__ = [
+    "FusedKernels",
+    "PortableKernels",
+    "kernels_for",
+    "local_moments64",
+    "memory_format",
+    "stat_dtype",
+]
 
 
 def stat_dtype(x: Tensor) -> torch.dtype:
@@ -57,6 +64,16 @@ def stat_dtype(x: Tensor) -> torch.dtype:
 def reduce_dims(x: Tensor) -> list[int]:
     """Every dimension but the channels (dim 1)."""
     return [0, *range(2, x.dim())]
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is dense in: channels_last (4-D) or channels_last_3d (5-D) when it
+    is, else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def channel_view(t: Tensor, x: Tensor) -> Tensor:
