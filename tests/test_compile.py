@@ -53,8 +53,15 @@ def _mlp() -> nn.Module:
     )
 
 
-def _train_twice(model: nn.Module, batches: list[torch.Tensor]) -> dict:
-    """Two SGD steps (gradients summed over ranks, as DDP would) then an eval pass."""
+def _train_twice(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    eval_batch: torch.Tensor | None = None,
+    *,
+    reduce_grads: bool = True,
+) -> dict:
+    """Two SGD steps (gradients summed over ranks, as DDP would, unless ``reduce_grads`` is off:
+    one process), then an eval pass on ``eval_batch`` (default: the first batch)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     record = {"outputs": [], "grads": []}
     model.train()
@@ -62,8 +69,9 @@ def _train_twice(model: nn.Module, batches: list[torch.Tensor]) -> dict:
         x = x.clone().requires_grad_()
         y = model(x)
         (y.square().sum() / 7).backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
+        if reduce_grads:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
         record["outputs"].append(y.detach())
         record["grads"].append([x.grad] + [p.grad.clone() for p in model.parameters()])
         optimizer.step()
@@ -71,7 +79,7 @@ def _train_twice(model: nn.Module, batches: list[torch.Tensor]) -> dict:
     record["buffers"] = [b.clone() for b in model.buffers()]
     model.eval()
     with torch.no_grad():
-        record["eval"] = model(batches[0])
+        record["eval"] = model(batches[0] if eval_batch is None else eval_batch)
     return record
 
 
@@ -143,23 +151,14 @@ def test_compiled_training_actually_synchronized(compiled_records):
 
 def _reference(build, per_rank_batches: list[list[torch.Tensor]]) -> dict:
     """The same model with nn.BatchNorm, trained in one process on each step's concatenated
-    batch (the loss summed over ranks' shares, as the ranks' all-reduced gradients are)."""
+    batch (the loss summed over ranks' shares, as the ranks' all-reduced gradients are), then
+    evaluated on each rank's first batch."""
     torch.manual_seed(0)
     model = syncbn.revert_sync_batchnorm(build())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    record = {"outputs": [], "grads": []}
-    for step in range(2):
-        x = torch.cat([batches[step] for batches in per_rank_batches]).requires_grad_()
-        y = model(x)
-        (y.square().sum() / 7).backward()
-        record["outputs"].append(y.detach())
-        record["grads"].append([x.grad] + [p.grad.clone() for p in model.parameters()])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    record["buffers"] = [b.clone() for b in model.buffers()]
-    model.eval()
-    with torch.no_grad():
-        record["eval"] = [model(batches[0]) for batches in per_rank_batches]
+    steps = [torch.cat([batches[step] for batches in per_rank_batches]) for step in range(2)]
+    first = [batches[0] for batches in per_rank_batches]
+    record = _train_twice(model, steps, torch.cat(first), reduce_grads=False)
+    record["eval"] = list(record["eval"].split([len(b) for b in first]))
     return record
 
 
