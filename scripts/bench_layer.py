@@ -43,12 +43,18 @@ import os
 import statistics
 import time
 from collections import Counter
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn  # differentiable all_reduce (naive SyncBN)
-from benchlib import machine, run_ranks, top_level_ops, torch_syncbn_class, use_standin_kernels
+from benchlib import (
+    init_group,
+    machine,
+    run_ranks,
+    top_level_ops,
+    torch_syncbn_class,
+    use_standin_kernels,
+)
 from torch import nn
 
 from syncbn import SyncBatchNorm
@@ -112,18 +118,11 @@ def _layer_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
 
 
 def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
-    torch.set_num_threads(args.threads)
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=120),
-    )
+    init_group(rank, world_size, init_file, threads=args.threads, backend=backend)
     torch.manual_seed(rank)
     rows = []
     for shape in SHAPES:
@@ -165,14 +164,7 @@ COUNT_SHAPE = (8, 32, 8, 8)
 
 
 def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=120),
-    )
+    init_group(rank, world_size, init_file)
     channels = COUNT_SHAPE[1]
     torch_syncbn = torch_syncbn_class()
     variants = {
@@ -257,14 +249,7 @@ class _PhaseTimer:
 
 
 def _phase_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
-    torch.set_num_threads(args.threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=120),
-    )
+    init_group(rank, world_size, init_file, threads=args.threads)
     report = {"layers": []}
     for shape in SHAPES:
         channels = shape[1]

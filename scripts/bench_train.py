@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from benchlib import machine, run_ranks
+from benchlib import init_group, machine, run_ranks
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
@@ -171,16 +171,13 @@ def _count_syncbn_collectives(net, optimizer, x, y) -> dict:
 
 
 def _bench_rank(rank: int, world_size: int, init_file: str, args, queue) -> None:
-    torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
     backend = "nccl" if args.device == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+    init_group(rank, world_size, init_file, threads=args.threads, backend=backend, timeout_s=None)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_size, 1, 8, 8, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)

@@ -36,6 +36,29 @@ def run_ranks(rank_fn, world_size: int, args):
     return result
 
 
+def init_group(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    *,
+    threads: int = 1,
+    backend: str = "gloo",
+    timeout_s: float | None = 120.0,
+) -> None:
+    """Join the benchmark's process group over a ``file://`` rendezvous (no port to race for),
+    with ``threads`` torch threads per rank (the ranks share few cores). ``timeout_s=None``:
+    torch's default timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size, **timeout
+    )
+
+
 def machine(device: str, world_size: int) -> dict:
     """Where and when a benchmark ran."""
     name = (

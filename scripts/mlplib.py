@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from benchlib import init_group  # noqa: F401 - the experiments' group setup, shared
 from torch import nn
 
 import syncbn
@@ -148,20 +149,6 @@ def _spawned(rank: int, rank_fn, world_size: int, init_file: str, args, tmp: str
     result = rank_fn(rank, world_size, init_file, args)
     if rank == 0:
         torch.save(result, os.path.join(tmp, "result.pt"))
-
-
-def init_group(rank: int, world_size: int, init_file: str, timeout_s: float = 120.0) -> None:
-    """A gloo group over a ``file://`` rendezvous; one torch thread per rank (2 shared cores)."""
-    torch.set_num_threads(1)
-    from datetime import timedelta
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
 
 
 def finish_group() -> None:
