@@ -34,19 +34,15 @@ def write_atomic(state: dict[str, Any], target: Path) -> Path:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(target.parent)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
-    try:
+
+    def fill(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return target
+
+    return _replace_through_temp(target, fill)
 
 
 def link_atomic(source: Path, target: Path) -> Path:
@@ -55,9 +51,9 @@ def link_atomic(source: Path, target: Path) -> Path:
     A hard link costs no second write of the checkpoint; ``source`` can be deleted later and
     ``target`` keeps the data.
     """
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
         os.unlink(tmp)
         try:
             os.link(source, tmp)
@@ -65,6 +61,16 @@ def link_atomic(source: Path, target: Path) -> Path:
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+
+    return _replace_through_temp(target, fill)
+
+
+def _replace_through_temp(target: Path, fill) -> Path:
+    """Make ``target`` atomically: ``fill(fd, path)`` a temp file of this writer beside it, then
+    ``os.replace`` it onto ``target`` and fsync the directory. A failure removes the temp file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
+    try:
+        fill(fd, tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
