@@ -191,13 +191,18 @@ def _write_cifar_batch(path: Path, n: int, seed: int) -> None:
         pickle.dump(batch, f)
 
 
-def test_cifar10_reads_the_python_pickle_format(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+def _small_cifar10(root):
+    """The splits of a 12 + 4 image CIFAR-10 written in the python-pickle format under ``root``."""
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
     for i in (1, 2):
         _write_cifar_batch(folder / f"data_batch_{i}", 6, i)
     _write_cifar_batch(folder / "test_batch", 4, 9)
-    splits = data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
+    return data.load(compose_config("data=cifar10", f"data.root={root}").data)
+
+
+def test_cifar10_reads_the_python_pickle_format(tmp_path):
+    splits = _small_cifar10(tmp_path)
     assert len(splits.train) == 12 and len(splits.val) == 4
     x, y = splits.train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= int(y) < 10
@@ -205,12 +210,7 @@ def test_cifar10_reads_the_python_pickle_format(tmp_path):
 
 
 def test_cifar10_is_normalized_per_channel_with_training_statistics(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for i in (1, 2):
-        _write_cifar_batch(folder / f"data_batch_{i}", 6, i)
-    _write_cifar_batch(folder / "test_batch", 4, 9)
-    splits = data.load(compose_config("data=cifar10", f"data.root={tmp_path}").data)
+    splits = _small_cifar10(tmp_path)
     train = torch.stack([splits.train_eval[i][0] for i in range(len(splits.train_eval))])
     val = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
     torch.testing.assert_close(train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
