@@ -798,23 +798,27 @@ def _apex_two(path: str, dtype_name: str):
         with torch.no_grad():
             sbn.weight.copy_(weight)
             sbn.bias.copy_(bias)
-        ddp = DDP(sbn)
-        opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
         _, mean, var, _ = syncbn.sync_batch_norm(inp[rows], weight, bias)
-        x = inp[rows].clone().requires_grad_()
-        y = ddp(x)
-        y.backward(grad[rows])
-        opt.step()
-        return {
-            "mean": mean,
-            "var": var,
-            "y": y.detach(),
-            "grad_input": x.grad,
-            "running_mean": sbn.running_mean.clone(),
-            "running_var": sbn.running_var.clone(),
-            "weight": sbn.weight.detach().clone(),
-            "bias": sbn.bias.detach().clone(),
-        }
+        return {"mean": mean, "var": var, **_one_ddp_sgd_step(sbn, inp[rows], grad[rows])}
+
+
+def _one_ddp_sgd_step(sbn, x, grad) -> dict:
+    """apex's step: the layer under DDP over the whole world, one backward of ``grad``, SGD with
+    lr 1.0; the layer's output, input gradient, running statistics and parameters after it."""
+    ddp = DDP(sbn)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
+    x = x.clone().requires_grad_()
+    y = ddp(x)
+    y.backward(grad)
+    opt.step()
+    return {
+        "y": y.detach(),
+        "grad_input": x.grad,
+        "running_mean": sbn.running_mean.clone(),
+        "running_var": sbn.running_var.clone(),
+        "weight": sbn.weight.detach().clone(),
+        "bias": sbn.bias.detach().clone(),
+    }
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -930,20 +934,7 @@ def _apex_groups(path: str, group_size: int):
         with torch.no_grad():
             sbn.weight.copy_(weight)
             sbn.bias.copy_(bias)
-        ddp = DDP(sbn)  # over the whole world, as in the source
-        opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
-        x = inp[rows].clone().requires_grad_()
-        y = ddp(x)
-        y.backward(grad[rows])
-        opt.step()
-        return {
-            "y": y.detach(),
-            "grad_input": x.grad,
-            "running_mean": sbn.running_mean.clone(),
-            "running_var": sbn.running_var.clone(),
-            "weight": sbn.weight.detach().clone(),
-            "bias": sbn.bias.detach().clone(),
-        }
+        return _one_ddp_sgd_step(sbn, inp[rows], grad[rows])  # DDP over the whole world
 
 
 @pytest.mark.parametrize("path", PATHS)
