@@ -6,6 +6,7 @@
 # Needs only torch with CUDA, pytest and (for the ResNet-50 step) torchvision: no hydra, no wandb.
 # Writes results/gpu/{env.json,tests.log,tests.xml,bench_gpu.json,bench.log} (OUT=dir to change)
 # and prints a short table last. Exit code: non-zero when a test failed or the benchmark broke.
+# TESTS_TIMEOUT / BENCH_TIMEOUT (seconds; default 330 / 240) bound the two parts.
 #
 #   bash scripts/gpu_check.sh
 set -uo pipefail
@@ -31,10 +32,10 @@ EOF
 [ $? -eq 0 ] || exit 2
 
 started=$(date +%s)
-timeout 330 "$PY" -m pytest tests/test_cuda.py tests/test_cuda_branch.py -q -rs \
-    -p no:cacheprovider -o addopts="" --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest tests/test_cuda.py tests/test_cuda_branch.py -q -rs \
+    -p no:cacheprovider -o addopts="" --durations=12 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 240 "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo

@@ -164,6 +164,18 @@ def reference_class(num_dims: int) -> type[nn.Module]:
     return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[num_dims]
 
 
+def _absolute_terms(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per channel :math:`\sum |g \hat x|` and :math:`\sum |g|` (float64): the scale of the
+    rounding error of a half-precision reduction of :math:`\partial L/\partial\gamma` and
+    :math:`\partial L/\partial\beta`."""
+    dims = [0, *range(2, x.dim())]
+    x, dy = x.double(), dy.double()
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dims).view(shape), x.var(dims, unbiased=False).view(shape)
+    x_hat = (x - mean) * (var + 1e-5).rsqrt()
+    return (dy * x_hat).abs().sum(dims), dy.abs().sum(dims)
+
+
 def run_reference(case: Case, group_id: int, members: list[int]) -> dict:
     """``nn.BatchNorm*d`` on each step's concatenated group batch, with the same SGD updates."""
     sizes = [case.batch_sizes[r] for r in members]
@@ -184,6 +196,7 @@ def run_reference(case: Case, group_id: int, members: list[int]) -> dict:
         step_record = {"y": y.detach(), "dx": x_all.grad}
         if case.affine:
             step_record["dw"], step_record["db"] = bn.weight.grad.clone(), bn.bias.grad.clone()
+            step_record["dw_abs"], step_record["db_abs"] = _absolute_terms(x_all, dy_all)
             for p in (bn.weight, bn.bias):
                 with torch.no_grad():
                     p -= LR * p.grad
