@@ -47,7 +47,7 @@ from . import distributed as sbdist
 from . import kernels as sbkernels
 from .distributed import all_reduce_sum
 from .kernels import channel_view, memory_format, reduce_dims, stat_dtype
-from .moments import layer_signature, pack, tail
+from .moments import expected_signatures, layer_signature, pack, tail
 
 __all__ = ["SyncBatchNormFunction", "SyncSpec", "reads_totals_on_host", "sync_batch_norm"]
 
@@ -126,27 +126,38 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 mean, var = kernels.local_moments(x)
             else:  # zeros *from* x: under torch.compile a constant collective input may move
                 mean = var = x.sum(reduce_dims(x), dtype=stat_dtype(x))
-            buffer = pack(mean, var, local_count, running_mean, tail(spec.signature, x.device))
+            end = tail(spec.signature, x.device)
+            buffer = kernels.step(pack)(mean, var, local_count, running_mean, end)
             if spec.debug and not torch.compiler.is_compiling():
                 sbdebug.check_same_call(
                     spec.layer_name, channels, x.dtype, "forward", spec.group, x.device
                 )
             buffer = _reduce(buffer, spec.group, spec.layer_name, "forward")
 
-            count = _check_totals(buffer, channels, spec, local_count, on_host)
+            if spec.check_finite and not torch.compiler.is_compiling():  # before any update
+                q, p = buffer[: 2 * channels].view(2, channels)
+                sbdebug.check_finite_statistics(spec.layer_name, p, q, x)
             maybe_empty = local_count == 0  # then the whole group may be empty too
-            stats = _merge(buffer, channels, count, maybe_empty)  # (2, C): [var; mean - K]
-            if spec.check_finite and not torch.compiler.is_compiling():
-                sbdebug.check_finite_statistics(spec.layer_name, stats[1], stats[0], x)
-            if x.dtype != torch.float64:
-                stats = stats.to(stat_dtype(x))
-            var, mean = stats.unbind()
-            if running_mean is not None:
-                mean.add_(running_mean)  # undo the shift
-                _update_running_stats(
-                    running_mean, running_var, mean, var, count, momentum, maybe_empty
+            dtype = stat_dtype(x)
+            if on_host:
+                count = _check_totals_on_host(buffer, channels, spec)
+                mean, invstd = _global_statistics(
+                    buffer, running_mean, running_var, momentum, eps, maybe_empty, count, dtype
                 )
-            invstd = var.add_(eps).rsqrt_()
+            else:
+                if isinstance(momentum, Tensor):  # 0-dim inputs cost compiled steps a host read
+                    momentum = momentum.view(1)
+                mean, invstd, count, same_layer = kernels.step(_global_statistics_on_device)(
+                    buffer,
+                    running_mean,
+                    running_var,
+                    momentum,
+                    eps,
+                    maybe_empty,
+                    dtype,
+                    expected_signatures(spec.signature, spec.world_size, x.device),
+                )
+                _assert_on_device(same_layer, count, local_count)
 
             if local_count > 0:
                 output = kernels.normalize(x, weight, bias, mean, invstd, eps)
@@ -204,14 +215,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
                     spec.group,
                     sum_dy.device,
                 )
-            sums = _reduce(
-                torch.cat([sum_dy, sum_dy_xmu]), spec.group, spec.layer_name, "backward"
-            ).view(2, -1)
+            shares = kernels.step(_shares_of_means)(sum_dy, sum_dy_xmu, count, x.numel() == 0)
+            means = _reduce(shares, spec.group, spec.layer_name, "backward").view(2, -1)
             grad_input = None
             if need_input and x.numel() > 0:
-                grad_input = kernels.grad_input(dy, x, mean, invstd, weight, sums, count)
+                grad_input = kernels.grad_input(dy, x, mean, invstd, weight, means)
             elif need_input:
-                grad_input = _empty_result(x, sums[0])
+                grad_input = _empty_result(x, means[0])
 
             grad_weight = _as(grad_weight, weight) if need_weight else None
             grad_bias = _as(grad_bias, weight) if need_bias else None
@@ -282,28 +292,75 @@ def _reduce(packed: Tensor, group, layer_name: str, phase: str) -> Tensor:
 # --------------------------------------------------------------------------- forward helpers
 
 
-def _check_totals(buffer, channels, spec: SyncSpec, local_count: int, on_host: bool):
-    """Check the reduced count and signatures; return the count (a float on the host path).
+def _check_totals_on_host(buffer: Tensor, channels: int, spec: SyncSpec) -> float:
+    """Check the reduced count and signatures on the host; return the count.
 
     A global count of exactly one value per channel has no variance (``nn.BatchNorm`` raises);
-    zero is an empty global batch, which is allowed. Only a rank holding at most one value can
-    see a total of one, so the others skip that check. On CUDA both are device-side assertions.
+    zero is an empty global batch, which is allowed. A signature total other than
+    :math:`W s` means some rank of the group was at another layer.
     """
-    totals = buffer[2 * channels :]
-    if on_host:
-        count, signatures = totals.tolist()
-        if signatures != spec.world_size * spec.signature:
-            raise RuntimeError(MIXED_LAYERS_MESSAGE.format(name=spec.layer_name))
-        if count == 1:
-            raise ValueError(ONE_VALUE_MESSAGE.format(count=1))
-        return count
-    count, signatures = totals.unbind()
-    torch._assert_async(
-        signatures == spec.world_size * spec.signature, "SyncBatchNorm: ranks at different layers"
-    )
+    count, signatures = buffer[2 * channels :].tolist()
+    if signatures != spec.world_size * spec.signature:
+        raise RuntimeError(MIXED_LAYERS_MESSAGE.format(name=spec.layer_name))
+    if count == 1:
+        raise ValueError(ONE_VALUE_MESSAGE.format(count=1))
+    return count
+
+
+def _assert_on_device(same_layer: Tensor, count: Tensor, local_count: int) -> None:
+    """The host path's two checks as device-side assertions (no host sync). Only a rank that
+    holds at most one value can see a total of one, so the others skip that check."""
+    torch._assert_async(same_layer, "SyncBatchNorm: ranks at different layers")
     if local_count <= 1:
         torch._assert_async(count != 1, ONE_VALUE_MESSAGE.format(count="1"))
-    return count
+
+
+def _global_statistics(
+    buffer, running_mean, running_var, momentum, eps: float, maybe_empty: bool, count, dtype
+) -> tuple[Tensor, Tensor]:
+    r"""The group's mean and :math:`1/\sqrt{\sigma^2 + \epsilon}` in ``dtype`` (the
+    statistics' dtype) from the reduced buffer (consumed); updates the running statistics.
+
+    ``count`` is :math:`n`: a float on the host path, the buffer's 0-dim entry otherwise.
+    """
+    channels = (buffer.numel() - 2) // 2
+    stats = _merge(buffer, channels, count, maybe_empty).to(dtype)  # (2, C): [var; mean - K]
+    var, mean = stats.unbind()
+    if running_mean is not None:
+        mean.add_(running_mean)  # undo the shift
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum, maybe_empty)
+    return mean, var.add_(eps).rsqrt_()
+
+
+def _global_statistics_on_device(
+    buffer, running_mean, running_var, momentum, eps, maybe_empty, dtype, expected
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_global_statistics` without a host read, plus the count and whether every rank of
+    the group sent this layer's signature (their sum is ``expected``,
+    :func:`~syncbn.moments.expected_signatures`): one generated kernel when compiled.
+
+    The count, the flag and a tensor ``momentum`` have shape ``(1,)``, not ``()``: a compiled
+    step's guards read 0-dim tensor inputs on the host (a sync on CUDA)."""
+    channels = (buffer.numel() - 2) // 2
+    count, signatures = buffer[2 * channels :].split(1)
+    same_layer = signatures == expected
+    if isinstance(momentum, Tensor):
+        momentum = momentum[0]
+    mean, invstd = _global_statistics(
+        buffer, running_mean, running_var, momentum, eps, maybe_empty, count[0], dtype
+    )
+    return mean, invstd, count, same_layer
+
+
+def _shares_of_means(sum_dy: Tensor, sum_dy_xmu: Tensor, count, empty: bool) -> Tensor:
+    r"""(C,), (C,) -> (2C,): this rank's local sums over the group's :math:`n`, so that the
+    backward's all-reduce yields the group's means :math:`[\frac1n \sum g;\ \frac1n \sum g
+    (x - \mu)]` directly. On an empty rank the group may be empty too (:math:`n = 0`): the
+    division takes :math:`\max(n, 1)` there, which leaves zeros."""
+    shares = torch.cat([sum_dy, sum_dy_xmu])
+    if isinstance(count, float):
+        return shares.div_(max(count, 1.0))
+    return shares.div_(count.clamp_min(1) if empty else count)
 
 
 def _merge(buffer: Tensor, channels: int, count, maybe_empty: bool) -> Tensor:

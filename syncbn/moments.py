@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["layer_signature", "pack", "tail"]
+__all__ = ["expected_signatures", "layer_signature", "pack", "tail"]
 
 SIGNATURE_RANGE = 2**31 - 1
 
@@ -62,22 +62,30 @@ def layer_signature(layer_name: str, num_channels: int) -> int:
     return 1 + h % (SIGNATURE_RANGE - 1)
 
 
-_TAILS: dict[tuple, Tensor] = {}
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(values: list[float], device: torch.device) -> Tensor:
+    """A float64 tensor of ``values`` on ``device``, made once (no per-step op)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    key = (tuple(values), device)
+    cached = _CONSTANTS.get(key)
+    if cached is None:
+        if len(_CONSTANTS) > 4096:
+            _CONSTANTS.clear()
+        cached = _CONSTANTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return cached
 
 
 def tail(signature: int, device: torch.device) -> Tensor:
-    """The constant ``[1, s]`` (float64) that ends every buffer; cached, so no per-step op."""
-    if torch.compiler.is_compiling():
-        return torch.tensor([1.0, float(signature)], dtype=torch.float64, device=device)
-    key = (signature, device)
-    cached = _TAILS.get(key)
-    if cached is None:
-        if len(_TAILS) > 4096:
-            _TAILS.clear()
-        cached = _TAILS[key] = torch.tensor(
-            [1.0, float(signature)], dtype=torch.float64, device=device
-        )
-    return cached
+    """The constant ``[1, s]`` (float64) that ends every buffer."""
+    return _constant([1.0, float(signature)], device)
+
+
+def expected_signatures(signature: int, world_size: int, device: torch.device) -> Tensor:
+    """The constant ``[W s]`` (float64): the reduced signature when every rank is at the layer."""
+    return _constant([float(world_size * signature)], device)
 
 
 def pack(mean: Tensor, var: Tensor, count: int, shift: Tensor | None, end: Tensor) -> Tensor:

@@ -323,13 +323,18 @@ def _format_of(t: Tensor) -> torch.memory_format:
 @contextlib.contextmanager
 def path(name: str):
     """Run ``"cpu"``: the CPU path as it is; ``"cuda_branch"``: the CUDA branch of
-    :mod:`syncbn.function` on CPU, through this model of its kernels."""
+    :mod:`syncbn.function` on CPU, through this model of its kernels, its per-channel steps op
+    by op; ``"cuda_branch_compiled"``: the same with those steps compiled, as on CUDA."""
     from syncbn import kernels
 
-    if name not in ("cpu", "cuda_branch"):
-        raise ValueError(f"path expected 'cpu' or 'cuda_branch' (got {name!r})")
-    if name == "cuda_branch":
-        kernels.override.kernels = kernels.FusedKernels(sys.modules[__name__])
+    if name not in ("cpu", "cuda_branch", "cuda_branch_compiled"):
+        raise ValueError(
+            f"path expected 'cpu', 'cuda_branch' or 'cuda_branch_compiled' (got {name!r})"
+        )
+    if name != "cpu":
+        kernels.override.kernels = kernels.FusedKernels(
+            sys.modules[__name__], compile_steps=name == "cuda_branch_compiled"
+        )
     try:
         yield
     finally:

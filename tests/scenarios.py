@@ -30,7 +30,9 @@ class Case:
     channels: int = 3
     steps: int = 3
     device: str = "cpu"  # "cuda": rank r runs on GPU r (an NCCL group), or "cuda:0" for all
-    kernels: str = "default"  # "standin": the CUDA branch on CPU (tests/cuda_standin.py)
+    # "standin": the CUDA branch on CPU (tests/cuda_standin.py); "standin_compiled": with its
+    # per-channel steps compiled, as on CUDA
+    kernels: str = "default"
     params: torch.dtype | None = None  # parameter dtype; default: float32, float64 for float64
     constant_channel: bool = False  # channel 0 holds one value on every rank
     force_sync: bool = False  # the synchronized path even in a group of one rank (NCCL tests)
@@ -94,7 +96,8 @@ def run_sync_bn(case: Case) -> dict:
     """On one rank: train SyncBatchNorm for ``case.steps`` steps, then evaluate; record all."""
     from tests import cuda_standin
 
-    with cuda_standin.path("cuda_branch" if case.kernels == "standin" else "cpu"):
+    paths = {"standin": "cuda_branch", "standin_compiled": "cuda_branch_compiled"}
+    with cuda_standin.path(paths.get(case.kernels, "cpu")):
         return _run_sync_bn(case)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import syncbn
+from syncbn import function as sbfunction
 from syncbn import kernels as sbkernels
 from tests import cuda_standin
 from tests.scenarios import Case, run_sync_bn
@@ -75,6 +76,87 @@ def test_cuda_branch_matches_batchnorm(run_ranks, name):
     check_against_reference(run_ranks(run_sync_bn, len(case.batch_sizes), case), case)
 
 
+# On CUDA the per-channel steps between the kernels are compiled (torch.compile, dynamic shapes,
+# fullgraph): the same scenarios with them compiled on CPU (Inductor's C++ backend) check that
+# they trace as one graph and compute what they compute op by op. The variants a step compiles
+# for: running statistics or not, float or tensor momentum, an empty rank, float64 statistics.
+COMPILED_SCENARIOS = (
+    "float32_2d",
+    "float64_uneven_momentum_none",
+    "no_running_stats",
+    "empty_rank",
+    "float16_params",
+)
+
+
+def _run_with_compiled_steps(case: Case) -> dict:
+    """:func:`run_sync_bn`, then proof that its steps ran compiled (none fell back)."""
+    from torch._dynamo.utils import counters
+
+    record = run_sync_bn(case)
+    steps = {fn.__name__: step.compiled is not None for fn, step in sbkernels._COMPILED.items()}
+    assert steps == {
+        "pack": True,
+        "_global_statistics_on_device": True,
+        "_shares_of_means": True,
+    }, steps
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
+    return record
+
+
+@pytest.mark.parametrize("name", COMPILED_SCENARIOS)
+def test_cuda_branch_with_compiled_steps_matches_batchnorm(run_ranks, name):
+    case = dataclasses.replace(SCENARIOS[name], kernels="standin_compiled")
+    results = run_ranks(_run_with_compiled_steps, len(case.batch_sizes), case, timeout=300)
+    check_against_reference(results, case)
+
+
+def test_a_step_that_cannot_compile_warns_and_runs_op_by_op(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("Cannot find a working triton installation\nmore details")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(sbkernels, "_COMPILED", {})
+
+    def scale(t, factor):
+        return t * factor
+
+    step = sbkernels.FusedKernels(cuda_standin, compile_steps=True).step(scale)
+    with pytest.warns(RuntimeWarning, match="could not compile scale .*triton.*SYNCBN_FUSE_STEPS"):
+        assert step(torch.ones(3), 2.0).tolist() == [2.0, 2.0, 2.0]
+    assert step(torch.ones(3), 3.0).tolist() == [3.0, 3.0, 3.0]  # op by op from now on, silently
+
+
+def test_variants_beyond_the_recompile_limit_run_op_by_op_and_the_others_stay_compiled(
+    monkeypatch,
+):
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def limited_compile(fn, **kwargs):
+        def compiled(t, factor):
+            if t.dtype == torch.float64:  # the variant past the limit
+                raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+            return fn(t, factor) + 100  # marks a compiled run
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", limited_compile)
+    monkeypatch.setattr(sbkernels, "_COMPILED", {})
+
+    def scale(t, factor):
+        return t * factor
+
+    step = sbkernels.FusedKernels(cuda_standin, compile_steps=True).step(scale)
+    assert step(torch.ones(1), 2.0).tolist() == [102.0]
+    with pytest.warns(RuntimeWarning, match="variants beyond torch._dynamo's recompile limit"):
+        assert step(torch.ones(1, dtype=torch.float64), 2.0).tolist() == [2.0]
+    assert step(torch.ones(1, dtype=torch.float64), 3.0).tolist() == [3.0]  # warned once
+    assert step(torch.ones(1), 2.0).tolist() == [102.0]  # still compiled
+
+
 def test_backward_counts_beyond_int32(tmp_path):
     """``batch_norm_backward_elemt`` divides by the sum of an int32 count tensor; a group holding
     more than 2^31 values per channel must still get ``dy - mean(dy) - ...`` with the true count."""
@@ -85,7 +167,9 @@ def test_backward_counts_beyond_int32(tmp_path):
     weight = torch.rand(4, generator=gen) + 0.5
     count = torch.tensor(3.0e9, dtype=torch.float64)  # > 2^31
     sums = torch.randn(2, 4, generator=gen) * 1e9
-    got = fused.grad_input(dy, x, mean, invstd, weight, sums.clone(), count)
+    # One rank: its shares of the means are the means the all-reduce would return.
+    means = sbfunction._shares_of_means(sums[0], sums[1], count, False).view(2, -1)
+    got = fused.grad_input(dy, x, mean, invstd, weight, means)
     a = (weight * invstd).view(1, -1, 1, 1)
     expected = a * (
         dy
@@ -159,11 +243,12 @@ def test_device_side_checks(run_ranks, case, message):
 HOST_READS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
 
 
-def _host_reads(momentum, batch_sizes) -> list[str]:
+def _host_reads(momentum, batch_sizes, path="cuda_branch") -> list[str]:
     """Ops of a training step of the CUDA branch that read a device value on the host (a sync on
     a GPU: it would break CUDA graph capture), outside the stand-in kernels themselves and
-    ``torch._assert_async`` (a kernel on CUDA; on CPU it reads its argument)."""
-    with cuda_standin.path("cuda_branch"):
+    ``torch._assert_async`` (a kernel on CUDA; on CPU it reads its argument). With its steps
+    compiled, this includes the guards that decide whether a compiled step can run."""
+    with cuda_standin.path(path):
         bn = syncbn.SyncBatchNorm(4, momentum=momentum)
         x = torch.randn(batch_sizes[dist.get_rank()], 4, 3, requires_grad=True)
         for _ in range(2):  # the first call fills the caches (constants made once)
@@ -179,6 +264,12 @@ def _host_reads(momentum, batch_sizes) -> list[str]:
                 parent = parent.cpu_parent
             if event.name in HOST_READS and not in_kernel:
                 reads.append(event.name)
+        if path == "cuda_branch_compiled":
+            reads += [
+                f"{fn.__name__} fell back"
+                for fn, step in sbkernels._COMPILED.items()
+                if step.compiled is None
+            ]
         return reads
 
 
@@ -186,3 +277,10 @@ def _host_reads(momentum, batch_sizes) -> list[str]:
 @pytest.mark.parametrize("batch_sizes", [(3, 2), (0, 0), (0, 3), (1, 0)], ids=str)
 def test_cuda_branch_never_reads_a_value_on_the_host(run_ranks, momentum, batch_sizes):
     assert run_ranks(_host_reads, 2, momentum, batch_sizes) == [[], []]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("batch_sizes", [(3, 2), (0, 3)], ids=str)
+def test_compiled_steps_never_read_a_value_on_the_host(run_ranks, momentum, batch_sizes):
+    reads = run_ranks(_host_reads, 2, momentum, batch_sizes, "cuda_branch_compiled", timeout=300)
+    assert reads == [[], []]
