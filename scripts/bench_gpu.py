@@ -40,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import syncbn  # noqa: E402
+from syncbn import kernels as sbkernels  # noqa: E402
 
 RESNET50_SHAPES = [
     (32, 64, 112, 112),
@@ -61,8 +62,27 @@ def ours(channels: int, device) -> nn.Module:
     return layer
 
 
+class CompiledSteps(nn.Module):
+    """``module`` with syncbn's per-channel steps compiled (``SYNCBN_FUSE_STEPS=1``) instead of
+    run op by op (the default): what they save in launches and cost in host time."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        default, sbkernels.FUSED = sbkernels.FUSED, COMPILED_STEPS
+        try:  # the backward reuses the kernel set its forward picked
+            return self.module(*args)
+        finally:
+            sbkernels.FUSED = default
+
+
+COMPILED_STEPS = sbkernels.FusedKernels(compile_steps=True)
+
 VARIANTS = {
     "syncbn": ours,
+    "syncbn_compiled_steps": lambda c, device: CompiledSteps(ours(c, device)),
     "torch_syncbn": lambda c, device: torch_syncbn_class()(c, device=device),
     "cudnn_bn": lambda c, device: nn.BatchNorm2d(c, device=device),
 }
@@ -150,6 +170,7 @@ def per_layer(args, device, timer) -> list[dict]:
             row["syncbn_own_ms"] = own
             row["syncbn_own_over_cudnn"] = own / row["cudnn_bn_ms"]
             row["syncbn_over_torch_syncbn"] = row["syncbn_ms"] / row["torch_syncbn_ms"]
+            row["compiled_steps_over_syncbn"] = row["syncbn_compiled_steps_ms"] / row["syncbn_ms"]
             rows.append(row)
             print(format_layer_row(row), flush=True)
     return rows
@@ -161,16 +182,19 @@ def format_layer_row(row: dict) -> str:
         f"| {row['collectives_ms']:.3f} | {row['syncbn_own_ms']:.3f} "
         f"| {row['torch_syncbn_ms']:.3f} "
         f"| {row['cudnn_bn_ms']:.3f} | {row['syncbn_own_over_cudnn']:.2f} "
-        f"| {row['syncbn_over_torch_syncbn']:.2f} | {row['syncbn_kernels']} / "
+        f"| {row['syncbn_over_torch_syncbn']:.2f} | {row['syncbn_compiled_steps_ms']:.3f} "
+        f"| {row['syncbn_kernels']} / {row['syncbn_compiled_steps_kernels']} / "
         f"{row['torch_syncbn_kernels']} / {row['cudnn_bn_kernels']} "
-        f"| {row['syncbn_ops']} / {row['torch_syncbn_ops']} / {row['cudnn_bn_ops']} |"
+        f"| {row['syncbn_ops']} / {row['syncbn_compiled_steps_ops']} / {row['torch_syncbn_ops']} / "
+        f"{row['cudnn_bn_ops']} |"
     )
 
 
 LAYER_HEADER = (
     "| config | shape | syncbn (ms) | its 2 collectives | syncbn without them | torch SyncBN fn "
-    "| cuDNN BN | own/cuDNN | syncbn/torch | CUDA kernels syncbn/torch/cuDNN "
-    "| ATen ops syncbn/torch/cuDNN |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| cuDNN BN | own/cuDNN | syncbn/torch | syncbn, steps compiled (ms) "
+    "| CUDA kernels syncbn/compiled steps/torch/cuDNN | ops syncbn/compiled steps/torch/cuDNN |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -195,11 +219,13 @@ def build_model(args, norm: str, device) -> nn.Module | None:
         except ImportError:
             return None
         model = torchvision.models.resnet50(num_classes=1000)
-    if norm == "syncbn":
+    if norm in ("syncbn", "syncbn_compiled_steps"):
         model = syncbn.convert_sync_batchnorm(model)
         for layer in model.modules():
             if isinstance(layer, syncbn.SyncBatchNorm):
                 layer._always_sync = True
+        if norm == "syncbn_compiled_steps":
+            model = CompiledSteps(model)
     elif norm == "torch_syncbn":
         model = _swap_batchnorms(model, torch_syncbn_class())
     return model.to(device=device, memory_format=torch.channels_last)
@@ -220,7 +246,7 @@ def training_steps(args, device, timer) -> list[dict] | str:
     size = 32 if args.smoke else 224
     batch = 4 if args.smoke else args.batch
     rows = []
-    for norm in ("cudnn_bn", "syncbn", "torch_syncbn"):
+    for norm in ("cudnn_bn", "syncbn", "syncbn_compiled_steps", "torch_syncbn"):
         model = build_model(args, norm, device)
         if model is None:
             return "skipped: torchvision is not installed"
@@ -320,8 +346,13 @@ def main() -> None:
                 "unit": "milliseconds per forward+backward (median, CUDA events)",
                 "layers": layers,
                 "resnet50_step": steps,
+                # syncbn_compiled_steps: did each step run compiled (else: why it fell back)?
+                "steps_compiled": {
+                    fn.__name__: step.failure or True for fn, step in sbkernels._COMPILED.items()
+                },
                 "wall_time_s": time.perf_counter() - started,
             }
+            print("per-channel steps compiled:", report["steps_compiled"])
         finally:
             dist.destroy_process_group()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

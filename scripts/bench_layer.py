@@ -23,8 +23,10 @@ table::
 ``--count-ops`` counts instead the operations one training forward+backward of a layer issues
 (top-level ATen ops, views and collectives not counted, with ``torch.profiler``) on 2 gloo ranks:
 this package's CPU path, its CUDA branch (run on CPU through ``tests/cuda_standin.py``, one op per
-CUDA kernel), ``torch.nn.SyncBatchNorm``'s autograd function through the same stand-in kernels,
-and local ``nn.BatchNorm2d``::
+CUDA kernel), with its per-channel steps op by op (the default) and compiled (each compiled step
+counted as one op: on CUDA it is one generated kernel, ``scripts/bench_gpu.py`` counts them),
+``torch.nn.SyncBatchNorm``'s autograd function through the same stand-in kernels, and local
+``nn.BatchNorm2d``::
 
     python scripts/bench_layer.py --count-ops --out results/op_counts.json
 
@@ -170,14 +172,17 @@ def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
     variants = {
         "syncbn (CPU path)": lambda: SyncBatchNorm(channels),
         "syncbn (CUDA branch, stand-in kernels)": lambda: SyncBatchNorm(channels),
+        "syncbn (CUDA branch, stand-in kernels, SYNCBN_FUSE_STEPS=1)": lambda: SyncBatchNorm(
+            channels
+        ),
         "torch.nn.SyncBatchNorm function (stand-in kernels)": lambda: torch_syncbn(channels),
         "nn.BatchNorm2d (local)": lambda: nn.BatchNorm2d(channels),
         "naive SyncBN (autograd)": lambda: NaiveSyncBatchNorm(channels),
     }
     rows = []
     for name, build in variants.items():
-        if "stand-in" in name:
-            use_standin_kernels()
+        if "stand-in" in name:  # ours: its per-channel steps op by op (default) or compiled
+            use_standin_kernels(compile_steps="SYNCBN_FUSE_STEPS=1" in name)
         layer = build()
         x = torch.randn(COUNT_SHAPE, requires_grad=True)
         dy = torch.randn(COUNT_SHAPE)

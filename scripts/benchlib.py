@@ -87,27 +87,34 @@ VIEW_OPS = frozenset(
 )
 
 
+COMPILED_REGION = "Torch-Compiled Region"
+
+
 def top_level_ops(fn) -> list[str]:
     """Run ``fn`` under the profiler; return the names of the top-level ATen operations it
-    issued (an op called from inside another op is not counted; neither are views) and of the
-    stand-in CUDA kernels (``standin::``), each counted once per call. Collectives are left out:
-    every variant compared runs the same ones."""
+    issued (an op called from inside another op is not counted; neither are views), of the
+    stand-in CUDA kernels (``standin::``) and of compiled steps (``compiled::step``: a call of a
+    ``torch.compile``d function, whatever runs inside it), each counted once per call.
+    Collectives are left out: every variant compared runs the same ones."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         fn()
     counted = []
     for event in profile.events():
-        if not event.name.startswith(("aten::", "standin::")) or event.name in VIEW_OPS:
+        compiled = event.name.startswith(COMPILED_REGION)
+        if not compiled and (
+            not event.name.startswith(("aten::", "standin::")) or event.name in VIEW_OPS
+        ):
             continue
         parent, nested = event.cpu_parent, False
         while parent is not None:
-            if parent.name.startswith(("aten::", "c10d::", "standin::")):
+            if parent.name.startswith(("aten::", "c10d::", "standin::", COMPILED_REGION)):
                 nested = True
                 break
             parent = parent.cpu_parent
         if not nested:
-            counted.append(event.name)
+            counted.append("compiled::step" if compiled else event.name)
     return counted
 
 
@@ -139,9 +146,10 @@ def torch_syncbn_class():
     return TorchSyncBatchNorm
 
 
-def use_standin_kernels() -> None:
+def use_standin_kernels(compile_steps: bool = False) -> None:
     """Route both CUDA branches to the CPU model of the CUDA kernels (``tests/cuda_standin.py``):
-    ours through the kernel override, torch's through ``torch.batch_norm_*``."""
+    ours through the kernel override (its per-channel steps compiled as on CUDA with
+    ``compile_steps``), torch's through ``torch.batch_norm_*``."""
     import sys
 
     import torch
@@ -150,7 +158,7 @@ def use_standin_kernels() -> None:
     from syncbn import kernels
     from tests import cuda_standin
 
-    kernels.override.kernels = kernels.FusedKernels(cuda_standin)
+    kernels.override.kernels = kernels.FusedKernels(cuda_standin, compile_steps=compile_steps)
     for name in (
         "batch_norm_stats",
         "batch_norm_gather_stats_with_counts",

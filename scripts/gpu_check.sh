@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command for a one-GPU machine (under 8 minutes on an H100):
 #   1. the GPU tests (tests/test_cuda.py: gloo ranks sharing cuda:0, a one-rank NCCL group,
-#      CUDA graphs, torch.compile) and the CUDA branch's CPU-model tests beside them;
+#      CUDA graphs, torch.compile, the compiled per-channel steps);
 #   2. the GPU benchmark (scripts/bench_gpu.py: per-layer times, kernel launches, ResNet-50 step).
 # Needs only torch with CUDA, pytest and (for the ResNet-50 step) torchvision: no hydra, no wandb.
 # Writes results/gpu/{env.json,tests.log,tests.xml,bench_gpu.json,bench.log} (OUT=dir to change)
@@ -32,7 +32,7 @@ EOF
 [ $? -eq 0 ] || exit 2
 
 started=$(date +%s)
-timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest tests/test_cuda.py tests/test_cuda_branch.py -q -rs \
+timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest tests/test_cuda.py -q -rs \
     -p no:cacheprovider -o addopts="" --durations=12 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
@@ -47,11 +47,14 @@ if not os.path.exists(sys.argv[1]):
     sys.exit("no benchmark results")
 r = json.load(open(sys.argv[1]))
 print(f"{r['device_name']}, torch {r['torch']}, {r['date']}")
-print("| config | shape | syncbn own / cuDNN BN | syncbn / torch SyncBN | kernels ours/torch/cuDNN |")
+print("| config | shape | syncbn own / cuDNN BN | syncbn / torch SyncBN | steps compiled / syncbn "
+      "| kernels ours/steps compiled/torch/cuDNN |")
 for row in r["layers"]:
     print(f"| {row['config']} | {tuple(row['shape'])} | {row['syncbn_own_over_cudnn']:.2f} "
-          f"| {row['syncbn_over_torch_syncbn']:.2f} | {row['syncbn_kernels']}/"
+          f"| {row['syncbn_over_torch_syncbn']:.2f} | {row['compiled_steps_over_syncbn']:.2f} "
+          f"| {row['syncbn_kernels']}/{row['syncbn_compiled_steps_kernels']}/"
           f"{row['torch_syncbn_kernels']}/{row['cudnn_bn_kernels']} |")
+print("per-channel steps compiled:", r.get("steps_compiled"))
 steps = r["resnet50_step"]
 if isinstance(steps, str):
     print("ResNet-50 step:", steps)
