@@ -11,8 +11,9 @@ values (:mod:`syncbn.moments`: shifted moments, the count, a layer signature), t
     \text{running} \leftarrow (1 - m)\,\text{running} + m\,(\mu,\ \sigma^2 \tfrac{n}{n-1}).
 
 Backward, with :math:`\hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` and
-:math:`g = \partial L / \partial y`: one all-reduce of :math:`[\sum g,\ \sum g (x - \mu)]`
-(:math:`2C` values), then
+:math:`g = \partial L / \partial y`: one all-reduce of each rank's
+:math:`\frac1n [\sum g,\ \sum g (x - \mu)]` (:math:`2C` values; the sums are local, :math:`n`
+global), which yields the group's means, then
 
 .. math::
 
@@ -29,7 +30,9 @@ count is read on the host only on CPU, where that is free. On CUDA nothing synch
 host: empty ranks branch on the shape (known on the host), an empty *global* batch is handled by
 arithmetic on device, and the two checks on the reduced buffer (one value per channel, ranks at
 different layers) are device-side assertions (``torch._assert_async``), so a training step can be
-captured in a CUDA graph.
+captured in a CUDA graph. The per-channel arithmetic between the kernels is three step functions
+(:func:`~syncbn.moments.pack`, :func:`_global_statistics_on_device`, :func:`_shares_of_means`)
+that the CUDA kernel set can compile into one kernel each (``SYNCBN_FUSE_STEPS=1``).
 """
 
 from __future__ import annotations
@@ -355,8 +358,9 @@ def _global_statistics_on_device(
 def _shares_of_means(sum_dy: Tensor, sum_dy_xmu: Tensor, count, empty: bool) -> Tensor:
     r"""(C,), (C,) -> (2C,): this rank's local sums over the group's :math:`n`, so that the
     backward's all-reduce yields the group's means :math:`[\frac1n \sum g;\ \frac1n \sum g
-    (x - \mu)]` directly. On an empty rank the group may be empty too (:math:`n = 0`): the
-    division takes :math:`\max(n, 1)` there, which leaves zeros."""
+    (x - \mu)]` directly (:math:`\sum g \hat x` in place of :math:`\sum g (x - \mu)` with the
+    portable kernels). On an empty rank the group may be empty too (:math:`n = 0`): the division
+    takes :math:`\max(n, 1)` there, which leaves zeros."""
     shares = torch.cat([sum_dy, sum_dy_xmu])
     if isinstance(count, float):
         return shares.div_(max(count, 1.0))
