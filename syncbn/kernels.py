@@ -30,8 +30,8 @@ two kernel sets for the four steps that touch the full input:
     undefined ones, for the weight and bias gradients; they are dropped here, never returned.
   * **Counts.** ``batch_norm_backward_elemt`` takes per-rank counts as an int32 tensor and
     divides by their sum. Counts beyond :math:`2^{31}` values per channel would not fit, so it is
-    given the *means* :math:`\sum g / n` and :math:`\sum g (x-\mu) / n` (computed in float64 from
-    the exact float64 count) and a count of one.
+    given the *means* :math:`\sum g / n` and :math:`\sum g (x-\mu) / n` (each rank divides its
+    sums by the exact float64 count before the all-reduce) and a count of one.
   * **Empty input.** Never called with an empty input (the caller branches on the shape).
 
 Tests drive :class:`FusedKernels` on CPU through a model of these four kernels that follows the
