@@ -191,7 +191,7 @@ class FusedKernels:
     ``ops`` provides the four kernels (default: ``torch``); tests pass a CPU model of them.
     ``compile_steps`` (default: ``SYNCBN_FUSE_STEPS=1`` in the environment) makes :meth:`step`
     compile the per-channel arithmetic between the kernels into generated kernels: 16 kernel
-    launches per layer forward+backward instead of 26. That pays off where launches are what
+    launches per layer forward+backward instead of about 25. That pays off where launches are what
     costs, in a captured CUDA graph; in eager mode the compiled calls' own Python overhead costs
     more than the launches they save (``results/gpu/``), so it is off by default.
     """
