@@ -111,20 +111,27 @@ def test_cuda_branch_with_compiled_steps_matches_batchnorm(run_ranks, name):
     check_against_reference(results, case)
 
 
-def test_a_step_that_cannot_compile_warns_and_runs_op_by_op(monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def compiled(*args):
-            raise RuntimeError("Cannot find a working triton installation\nmore details")
+def _scale_step(monkeypatch, compiled_run):
+    """A compiled step of ``scale(t, factor) = t * factor`` whose "compiled" version is
+    ``compiled_run(scale, t, factor)``, in place of what ``torch.compile`` would make."""
 
-        return compiled
+    def fake_compile(fn, **kwargs):
+        return lambda t, factor: compiled_run(fn, t, factor)
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(sbkernels, "_COMPILED", {})
 
     def scale(t, factor):
         return t * factor
 
-    step = sbkernels.FusedKernels(cuda_standin, compile_steps=True).step(scale)
+    return sbkernels.FusedKernels(cuda_standin, compile_steps=True).step(scale)
+
+
+def test_a_step_that_cannot_compile_warns_and_runs_op_by_op(monkeypatch):
+    def broken(fn, t, factor):
+        raise RuntimeError("Cannot find a working triton installation\nmore details")
+
+    step = _scale_step(monkeypatch, broken)
     with pytest.warns(RuntimeWarning, match="could not compile scale .*triton.*SYNCBN_FUSE_STEPS"):
         assert step(torch.ones(3), 2.0).tolist() == [2.0, 2.0, 2.0]
     assert step(torch.ones(3), 3.0).tolist() == [3.0, 3.0, 3.0]  # op by op from now on, silently
@@ -135,21 +142,12 @@ def test_variants_beyond_the_recompile_limit_run_op_by_op_and_the_others_stay_co
 ):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    def limited_compile(fn, **kwargs):
-        def compiled(t, factor):
-            if t.dtype == torch.float64:  # the variant past the limit
-                raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
-            return fn(t, factor) + 100  # marks a compiled run
+    def limited(fn, t, factor):
+        if t.dtype == torch.float64:  # the variant past the limit
+            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+        return fn(t, factor) + 100  # marks a compiled run
 
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", limited_compile)
-    monkeypatch.setattr(sbkernels, "_COMPILED", {})
-
-    def scale(t, factor):
-        return t * factor
-
-    step = sbkernels.FusedKernels(cuda_standin, compile_steps=True).step(scale)
+    step = _scale_step(monkeypatch, limited)
     assert step(torch.ones(1), 2.0).tolist() == [102.0]
     with pytest.warns(RuntimeWarning, match="variants beyond torch._dynamo's recompile limit"):
         assert step(torch.ones(1, dtype=torch.float64), 2.0).tolist() == [2.0]
