@@ -71,14 +71,9 @@ class CompiledSteps(nn.Module):
         self.module = module
 
     def forward(self, *args):
-        default, sbkernels.FUSED = sbkernels.FUSED, COMPILED_STEPS
-        try:  # the backward reuses the kernel set its forward picked
+        with sbkernels.fused_steps(True):  # the backward reuses the kernel set its forward picked
             return self.module(*args)
-        finally:
-            sbkernels.FUSED = default
 
-
-COMPILED_STEPS = sbkernels.FusedKernels(compile_steps=True)
 
 VARIANTS = {
     "syncbn": ours,

@@ -41,6 +41,7 @@ branch's logic; the GPU tests (``tests/test_cuda.py``) check the kernels themsel
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from types import SimpleNamespace
@@ -51,6 +52,7 @@ from torch import Tensor
 __all__ = [
     "FusedKernels",
     "PortableKernels",
+    "fused_steps",
     "kernels_for",
     "local_moments64",
     "memory_format",
@@ -314,6 +316,19 @@ def _compiled(fn) -> _CompiledStep:
 
 PORTABLE = PortableKernels()
 FUSED = FusedKernels()
+
+
+@contextlib.contextmanager
+def fused_steps(compiled: bool):
+    """Within the block, CUDA layers run their per-channel steps compiled or op by op, whatever
+    ``SYNCBN_FUSE_STEPS`` says (for the whole process; a backward follows its forward)."""
+    global FUSED
+    default, FUSED = FUSED, FusedKernels(compile_steps=compiled)
+    try:
+        yield
+    finally:
+        FUSED = default
+
 
 # Tests set ``override.kernels`` to run a kernel set (the CPU model of the CUDA kernels) on CPU.
 override = SimpleNamespace(kernels=None)

@@ -14,7 +14,6 @@ Everything skips without CUDA (CI has none). ``scripts/gpu_check.sh`` runs this 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 
@@ -84,21 +83,10 @@ def _state(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()] + [b.clone() for b in model.buffers()]
 
 
-@contextlib.contextmanager
-def _steps(compiled: bool):
-    """The per-channel steps compiled (``SYNCBN_FUSE_STEPS=1``) or op by op (the default)."""
-    default = sbkernels.FUSED
-    sbkernels.FUSED = sbkernels.FusedKernels(compile_steps=compiled)
-    try:
-        yield
-    finally:
-        sbkernels.FUSED = default
-
-
 def _graphed_training_step(batch: int, compiled_steps: bool) -> tuple[list[dict], list[str]]:
     """The records of :func:`_graphed_vs_eager`, and why any compiled step fell back."""
     sbkernels._COMPILED.clear()
-    with _steps(compiled_steps):
+    with sbkernels.fused_steps(compiled_steps):
         records = _graphed_vs_eager(batch)
     return records, [step.failure for step in sbkernels._COMPILED.values() if step.failure]
 
@@ -219,7 +207,7 @@ def _steps_compiled() -> dict:
     sbkernels._COMPILED.clear()
     launches = {}
     for compiled in (True, False):
-        with _steps(compiled):
+        with sbkernels.fused_steps(compiled):
             for _ in range(2):  # compile, then count
                 with torch.profiler.profile() as profile:
                     _step(model, x)
