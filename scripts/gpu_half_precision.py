@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import syncbn  # noqa: E402
-from tests.scenarios import global_batch  # noqa: E402
+from tests.scenarios import closed_form, global_batch  # noqa: E402
 from tests.test_cuda_branch import SCENARIOS  # noqa: E402
 
 HALF_SCENARIOS = (
@@ -38,24 +38,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{((a - b).abs().max() / b.abs().max()).item():.2e}"
 
 
-def exact(x: torch.Tensor, dy: torch.Tensor):
-    """float64 mean, biased variance, inverse std, x_hat of x; dims reduced."""
-    dims = [0, *range(2, x.dim())]
-    xd, dyd = x.double(), dy.double()
-    mu, var = xd.mean(dims), xd.var(dims, unbiased=False)
-    inv = (var + 1e-5).rsqrt()
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    x_hat = (xd - mu.view(shape)) * inv.view(shape)
-    return dims, dyd, mu, var, inv, x_hat
-
-
 def kernels(dev: torch.device) -> None:
     for name in HALF_SCENARIOS:
         case = SCENARIOS[name]
         for step in range(2):
             x, dy = global_batch(case, step, 0, sum(case.batch_sizes))
-            dims, dyd, mu, var, inv, x_hat = exact(x, dy)
-            dw_exact, db_exact = (dyd * x_hat).sum(dims), dyd.sum(dims)
+            ref = closed_form(x, dy)
+            mu, var, inv = ref["mean"], ref["var"], (ref["var"] + 1e-5).rsqrt()
+            dw_exact, db_exact = ref["grad_weight"], ref["grad_bias"]
             xc, dyc = x.to(dev), dy.to(dev)
             m32, v32 = torch.batch_norm_update_stats(xc, None, None, 0.0)
             print(name, step, "update_stats mean", rel(m32, mu), "var", rel(v32, var))
@@ -92,7 +82,7 @@ def layer(dev: torch.device) -> None:
             for name in ("float16_input_float32_params", "float16_params"):
                 case = SCENARIOS[name]
                 x, dy = global_batch(case, 0, 0, sum(case.batch_sizes))
-                dims, dyd, mu, var, inv, x_hat = exact(x, dy)
+                ref = closed_form(x, dy)
                 bn = syncbn.SyncBatchNorm(x.shape[1], device=dev, dtype=case.param_dtype)
                 bn._always_sync = True
                 xg = x.to(dev).requires_grad_()
@@ -101,13 +91,13 @@ def layer(dev: torch.device) -> None:
                 print(
                     name,
                     "syncbn 1-rank gloo: dw",
-                    rel(bn.weight.grad, (dyd * x_hat).sum(dims)),
+                    rel(bn.weight.grad, ref["grad_weight"]),
                     "db",
-                    rel(bn.bias.grad, dyd.sum(dims)),
+                    rel(bn.bias.grad, ref["grad_bias"]),
                     "running_mean",
-                    rel(bn.running_mean, 0.1 * mu),
+                    rel(bn.running_mean, 0.1 * ref["mean"]),
                     "y",
-                    rel(y, x_hat),
+                    rel(y, ref["x_hat"]),
                 )
         finally:
             dist.destroy_process_group()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
+from syncbn.kernels import reduce_dims
 
 LR = 0.1
 
@@ -167,16 +168,40 @@ def reference_class(num_dims: int) -> type[nn.Module]:
     return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[num_dims]
 
 
+def closed_form(x, g, w=None, b=None, eps: float = 1e-5) -> dict:
+    """apex's float64 reference formulas for BN over dim 1, forward and backward (``w``, ``b``:
+    ones and zeros when ``None``)."""
+    x, g = x.double(), g.double()
+    dims = reduce_dims(x)
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    w = torch.ones(x.shape[1], dtype=x.dtype) if w is None else w.double()
+    b = torch.zeros(x.shape[1], dtype=x.dtype) if b is None else b.double()
+    m = x.mean(dims)
+    var = x.var(dims, unbiased=False)
+    xmu = x - m.view(shape)
+    rstd = torch.rsqrt(var + eps).view(shape)
+    mean_dy = g.mean(dims).view(shape)
+    mean_dy_xmu = (xmu * g).mean(dims).view(shape)
+    return {
+        "mean": m,
+        "var": var,
+        "unbiased_var": x.var(dims, unbiased=True),
+        "x_hat": xmu * rstd,
+        "y": w.view(shape) * xmu * rstd + b.view(shape),
+        "grad_bias": g.sum(dims),
+        "grad_weight": (xmu * rstd * g).sum(dims),
+        "grad_input": (g - mean_dy - xmu / (var.view(shape) + eps) * mean_dy_xmu)
+        * rstd
+        * w.view(shape),
+    }
+
+
 def _absolute_terms(x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per channel :math:`\sum |g \hat x|` and :math:`\sum |g|` (float64): the scale of the
     rounding error of a half-precision reduction of :math:`\partial L/\partial\gamma` and
     :math:`\partial L/\partial\beta`."""
-    dims = [0, *range(2, x.dim())]
-    x, dy = x.double(), dy.double()
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    mean, var = x.mean(dims).view(shape), x.var(dims, unbiased=False).view(shape)
-    x_hat = (x - mean) * (var + 1e-5).rsqrt()
-    return (dy * x_hat).abs().sum(dims), dy.abs().sum(dims)
+    g = dy.double().abs()
+    return (g * closed_form(x, dy)["x_hat"].abs()).sum(reduce_dims(x)), g.sum(reduce_dims(x))
 
 
 def run_reference(case: Case, group_id: int, members: list[int]) -> dict:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import syncbn
 from tests import cuda_standin
+from tests.scenarios import closed_form
 
 PATHS = ["cpu", "cuda_branch"]
 EPS = 1e-5
@@ -72,30 +73,6 @@ def _add_grad_step(model: nn.Module) -> None:
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _closed_form(x, g, w, b, eps=EPS) -> dict:
-    """apex's float64 reference formulas for BN over dim 1 (forward and backward)."""
-    x, g, w, b = (t.double() for t in (x, g, w, b))
-    dims = [0, *range(2, x.dim())]
-    shape = (-1,) + (1,) * (x.dim() - 2)
-    m = x.mean(dims)
-    var = x.var(dims, unbiased=False)
-    xmu = x - m.view(shape)
-    rstd = torch.rsqrt(var + eps).view(shape)
-    mean_dy = g.mean(dims).view(shape)
-    mean_dy_xmu = (xmu * g).mean(dims).view(shape)
-    return {
-        "mean": m,
-        "var": var,
-        "unbiased_var": x.var(dims, unbiased=True),
-        "y": w.view(shape) * xmu * rstd + b.view(shape),
-        "grad_bias": g.sum(dims),
-        "grad_weight": (xmu * rstd * g).sum(dims),
-        "grad_input": (g - mean_dy - xmu / (var.view(shape) + eps) * mean_dy_xmu)
-        * rstd
-        * w.view(shape),
-    }
 
 
 def _reference_bn(dims: int, channels: int, **kwargs) -> nn.Module:
@@ -757,7 +734,7 @@ def _apex_single(path: str, force_sync: bool):
 
 
 @pytest.mark.parametrize("path, force_sync", [("cpu", False), ("cpu", True), ("cuda_branch", True)])
-def test_apex_single_rank_against_closed_form(run_ranks, path, force_sync):
+def test_apex_single_rank_againstclosed_form(run_ranks, path, force_sync):
     """Ported from NVIDIA/apex tests/distributed/synced_batchnorm/single_gpu_unit_test.py and
     python_single_gpu_unit_test.py: one process, input (5, 10, 16, 16), momentum 1.0; mean,
     biased variance, output, input/weight/bias gradients and running statistics (unbiased
@@ -767,7 +744,7 @@ def test_apex_single_rank_against_closed_form(run_ranks, path, force_sync):
     forced (``_always_sync``); mean and variance come from ``syncbn.sync_batch_norm``."""
     results = run_ranks(_apex_single, 1, path, force_sync)[0]
     inp, grad, weight, bias = _apex_data(APEX_SINGLE_SHAPE, 1)
-    ref = _closed_form(inp, grad, weight, bias)
+    ref = closed_form(inp, grad, weight, bias)
     tol = {"rtol": 1e-5, "atol": 1e-5}
     for fmt, r in results.items():
         for key, expected in [
@@ -823,7 +800,7 @@ def _one_ddp_sgd_step(sbn, x, grad) -> dict:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "float64"])
-def test_apex_two_ranks_against_closed_form(run_ranks, dtype_name, path):
+def test_apex_two_ranks_againstclosed_form(run_ranks, dtype_name, path):
     """Ported from NVIDIA/apex tests/distributed/synced_batchnorm/two_gpu_unit_test.py (run by
     unit_test.sh in fp32 and ``--fp16``; ``--fp64`` exists too): the batch split in two
     consecutive halves, parameters and input in the dtype (``model.half()``/``.double()``),
@@ -836,7 +813,7 @@ def test_apex_two_ranks_against_closed_form(run_ranks, dtype_name, path):
     dtype = getattr(torch, dtype_name)
     results = run_ranks(_apex_two, world, path, dtype_name)
     inp, grad, weight, bias = _apex_data(APEX_TWO_SHAPE, 18, dtype)
-    ref = _closed_form(inp, grad, weight, bias)
+    ref = closed_form(inp, grad, weight, bias)
     err = APEX_ERROR[dtype]
     tol = {"rtol": err, "atol": err}
     n = APEX_TWO_SHAPE[0]
@@ -950,7 +927,7 @@ def test_apex_process_groups(run_ranks, path):
     results = run_ranks(_apex_groups, world, path, group_size)
     n = APEX_GROUP_SHAPE[0]
     tol = {"rtol": 1e-5, "atol": 1e-5}
-    refs = [_closed_form(*_apex_group_data(g)) for g in range(world // group_size)]
+    refs = [closed_form(*_apex_group_data(g)) for g in range(world // group_size)]
     _, _, weight, bias = _apex_group_data(0)
     for rank, r in enumerate(results):
         ref = refs[rank // group_size]
