@@ -123,12 +123,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
             channels = x.shape[1]
             local_count = x.numel() // channels
             on_host = reads_totals_on_host(x)
+            dtype = stat_dtype(x)
 
             # This rank's moments, then (C,), (C,), (2,) -> (2C+2,): the forward's one collective.
             if local_count > 0:
                 mean, var = kernels.local_moments(x)
             else:  # zeros *from* x: under torch.compile a constant collective input may move
-                mean = var = x.sum(reduce_dims(x), dtype=stat_dtype(x))
+                mean = var = x.sum(reduce_dims(x), dtype=dtype)
             end = tail(spec.signature, x.device)
             buffer = kernels.step(pack)(mean, var, local_count, running_mean, end)
             if spec.debug and not torch.compiler.is_compiling():
@@ -141,7 +142,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 q, p = buffer[: 2 * channels].view(2, channels)
                 sbdebug.check_finite_statistics(spec.layer_name, p, q, x)
             maybe_empty = local_count == 0  # then the whole group may be empty too
-            dtype = stat_dtype(x)
             if on_host:
                 count = _check_totals_on_host(buffer, channels, spec)
                 mean, invstd = _global_statistics(
