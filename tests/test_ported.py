@@ -534,6 +534,15 @@ def _nhwc_data(case: int, shape, dtype_name: str, mixed: bool):
     return x, grad, weight, bias
 
 
+def _nhwc_layer(bn: nn.Module, x, weight, bias, mixed: bool) -> nn.Module:
+    """``bn`` in ``x``'s dtype with the case's parameters; float32 parameters when ``mixed``."""
+    bn = bn.to(x.dtype)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    return bn.float() if mixed else bn
+
+
 def _nhwc(path: str):
     with _path(path):
         rank = dist.get_rank()
@@ -541,12 +550,7 @@ def _nhwc(path: str):
         cases = itertools.product(NHWC_SHAPES, NHWC_DTYPES)
         for case, (shape, (dtype_name, mixed)) in enumerate(cases):
             x, grad, weight, bias = _nhwc_data(case, shape, dtype_name, mixed)
-            bn = syncbn.SyncBatchNorm(shape[1]).to(x.dtype)
-            with torch.no_grad():
-                bn.weight.copy_(weight)
-                bn.bias.copy_(bias)
-            if mixed:
-                bn.float()
+            bn = _nhwc_layer(syncbn.SyncBatchNorm(shape[1]), x, weight, bias, mixed)
             rows = _rows((2, 2), rank)
             xl = x[rows].contiguous(memory_format=torch.channels_last).requires_grad_()
             out = bn(xl)
@@ -574,12 +578,7 @@ def test_nn_batchnorm_nhwc(run_ranks, path):
     cases = list(itertools.product(NHWC_SHAPES, NHWC_DTYPES))
     for i, (shape, (dtype_name, mixed)) in enumerate(cases):
         x, grad, weight, bias = _nhwc_data(i, shape, dtype_name, mixed)
-        reference = nn.BatchNorm2d(shape[1]).to(x.dtype)
-        with torch.no_grad():
-            reference.weight.copy_(weight)
-            reference.bias.copy_(bias)
-        if mixed:
-            reference.float()
+        reference = _nhwc_layer(nn.BatchNorm2d(shape[1]), x, weight, bias, mixed)
         x = x.clone().requires_grad_()
         out = reference(x)
         out.backward(grad)
