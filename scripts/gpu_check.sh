@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command for a one-GPU machine (under 8 minutes on an H100):
-#   1. the GPU tests (tests/test_cuda.py: gloo ranks sharing cuda:0, a one-rank NCCL group,
+#   1. the GPU tests (tests/gpu/test_cuda.py: gloo ranks sharing cuda:0, a one-rank NCCL group,
 #      CUDA graphs, torch.compile, the compiled per-channel steps);
-#   2. the GPU benchmark (scripts/bench_gpu.py: per-layer times, kernel launches, ResNet-50 step).
+#   2. the GPU benchmark (scripts/bench/bench_gpu.py: per-layer times, kernel launches, ResNet-50
+#      step).
 # Needs only torch with CUDA, pytest and (for the ResNet-50 step) torchvision: no hydra, no wandb.
 # Writes results/gpu/{env.json,tests.log,tests.xml,bench_gpu.json,bench.log} (OUT=dir to change)
 # and prints a short table last. Exit code: non-zero when a test failed or the benchmark broke.
@@ -32,10 +33,10 @@ EOF
 [ $? -eq 0 ] || exit 2
 
 started=$(date +%s)
-timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest tests/test_cuda.py -q -rs \
+timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest tests/gpu/test_cuda.py -q -rs \
     -p no:cacheprovider -o addopts="" --durations=12 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo

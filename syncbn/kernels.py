@@ -35,8 +35,8 @@ two kernel sets for the four steps that touch the full input:
   * **Empty input.** Never called with an empty input (the caller branches on the shape).
 
 Tests drive :class:`FusedKernels` on CPU through a model of these four kernels that follows the
-contracts above (``tests/cuda_standin.py``), so CI, which has no GPU, still checks the CUDA
-branch's logic; the GPU tests (``tests/test_cuda.py``) check the kernels themselves.
+contracts above (``syncbn/testing/cuda_standin.py``), so CI, which has no GPU, still checks the CUDA
+branch's logic; the GPU tests (``tests/gpu/test_cuda.py``) check the kernels themselves.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.harness import WorkerPool
+from tests.support.harness import WorkerPool
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -1,0 +1,151 @@
+"""Configuration: the real conf/ composes under its schema, and every bad value fails before any
+work with one message naming the key (Hydra for types and choices, config_checks for ranges)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from syncbn.training.config_checks import ConfigError, validate
+from tests.support.config import compose_config, composition_error
+from tests.support.launch import ROOT, command, env
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose_config()
+    assert (cfg.norm.name, cfg.data.name, cfg.logger.mode) == ("syncbn", "digits", "offline")
+    validate(cfg, world_size=2, cuda=False)
+    for overrides in (
+        ["norm=bn", "optim=adamw", "data=synthetic"],
+        ["data=cifar10", "norm=none"],
+        ["data=imagefolder", "data.root=/somewhere", "model=resnet_cifar"],
+        ["model=custom", "model._target_=tests.support.toy_models.TinyNet", "+model.width=4"],
+    ):
+        validate(compose_config(*overrides), world_size=1, cuda=False)
+
+
+def test_task_segmentation_brings_its_data_model_and_defaults_and_the_command_line_wins():
+    cfg = compose_config("task=segmentation")
+    assert (cfg.task.name, cfg.data.name) == ("segmentation", "digit_scenes")
+    assert cfg.optim.name == "adamw"
+    assert cfg.model._target_ == "syncbn.training.models.DeepLab"
+    assert (cfg.trainer.batch_size, cfg.trainer.best_metric) == (4, "miou")
+    validate(cfg, world_size=2, cuda=False)
+    cfg = compose_config("task=segmentation", "optim=sgd", "trainer.batch_size=1")
+    assert (cfg.optim.name, cfg.trainer.batch_size) == ("sgd", 1)
+
+
+def test_every_key_of_every_yaml_file_is_commented():
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            top_level_key = line and not line.startswith((" ", "#", "-")) and ":" in line
+            if top_level_key and not line.startswith(("defaults:", "hydra:")):
+                assert "#" in line, f"{path.relative_to(ROOT)}:{number} has no comment: {line}"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("optim.lr=abc", "optim.lr", "could not be converted to Float"),
+        ("trainer.compile=no_thanks", "trainer.compile", "is not a valid bool"),
+        ("dist.backend=mpi", "dist.backend", "expected one of [auto, nccl, gloo]"),
+        ("norm.name=groupnorm", "norm.name", "expected one of [syncbn, bn, none]"),
+        ("logger.mode=cloud", "logger.mode", "expected one of [offline, online, disabled]"),
+        ("trainer.nonfinite=ignore", "trainer.nonfinite", "expected one of [stop, skip]"),
+        ("trainer.max_steps=ten", "trainer.max_steps", "could not be converted to Integer"),
+        ("trainer.ckpt_every_step=5", "ckpt_every_step", "not in 'TrainerConfig'"),  # typo
+        ("trainer.precision=fp16", "trainer.precision", "expected one of [fp32, bf16]"),
+        ("task.name=detection", "task.name", "expected one of [classification, segmentation]"),
+        ("loader.workers=two", "loader.workers", "could not be converted to Integer"),
+    ],
+)
+def test_wrong_types_and_choices_fail_while_composing_naming_the_key(override, key, expected):
+    message = composition_error(override)
+    assert key in message and expected in message, message
+
+
+BAD_VALUES = [
+    ("trainer.max_steps=-1", r"trainer.max_steps expected > 0 or null \(got -1\)"),
+    ("optim.lr=inf", r"optim.lr expected a finite number > 0 \(got inf\)"),
+    ("optim.lr=nan", r"optim.lr expected a finite number > 0 \(got nan\)"),
+    ("optim.lr=0", r"optim.lr expected a finite number > 0 \(got 0.0\)"),
+    ("trainer.grad_clip=-1", r"trainer.grad_clip expected a finite max norm > 0 or null"),
+    ("trainer.log_every=0", r"trainer.log_every expected > 0 \(got 0\)"),
+    ("data.val_fraction=0", r"data.val_fraction expected a fraction in \(0, 1\) \(got 0.0\)"),
+    ("data.val_fraction=1", r"data.val_fraction expected a fraction in \(0, 1\) \(got 1.0\)"),
+    ("dist.timeout_s=0", r"dist.timeout_s expected a finite number of seconds > 0 \(got 0.0\)"),
+    ("dist.backend=nccl", r"dist.backend=nccl expected CUDA GPUs .* use dist.backend=auto"),
+    ("trainer.batch_size=0", r"trainer.batch_size expected > 0 \(got 0\)"),
+    ("trainer.epochs=0", r"trainer.epochs expected > 0 \(got 0\); or set trainer.max_steps"),
+    ("trainer.ckpt_every_steps=0", r"trainer.ckpt_every_steps expected > 0 or null"),
+    ("trainer.keep_last=0", r"trainer.keep_last expected > 0 \(got 0\)"),
+    ("trainer.precise_bn_batches=0", r"trainer.precise_bn_batches expected > 0 or null"),
+    ("trainer.bn_telemetry_every=-1", r"trainer.bn_telemetry_every expected > 0 or null"),
+    ("optim.momentum=1.5", r"optim.momentum expected a number in \[0, 1\)"),
+    ("optim.warmup_steps=-1", r"optim.warmup_steps expected >= 0"),
+    ("norm.group_size=3", r"norm.group_size expected a divisor of the world size 2"),
+    ("trainer.resume=/no/such.pt", r"trainer.resume expected a checkpoint file"),
+    ("trainer.eval_only=true", r"trainer.eval_only=true expected a checkpoint .*resume=null"),
+    ("model.widths=[]", r"model.widths expected a non-empty list"),
+    ("trainer.accumulate=3", r"trainer.accumulate expected a divisor of trainer.batch_size=32"),
+    ("trainer.sync_every=0", r"trainer.sync_every expected > 0 \(got 0\)"),
+    ("trainer.eval_batch_size=0", r"trainer.eval_batch_size expected > 0 \(got 0\)"),
+    ("loader.workers=-1", r"loader.workers expected >= 0 \(got -1\)"),
+    ("task.label_smoothing=1.0", r"task.label_smoothing expected a number in \[0, 1\)"),
+    ("task.ignore_index=3", r"task.ignore_index expected data.ignore_index=255"),
+    ("dist.init_method=/tmp/x", r"dist.init_method expected null, file:///path"),
+    ("data.digit_scale=[3,9]", r"data.digit_scale expected digits .* fit the 64-pixel canvas"),
+    ("data.rim=[8,3]", r"data.rim expected \[low, high\] with 0 < low <= high"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_values_are_rejected_before_work_naming_the_key(override, message):
+    overrides = [override] + (["trainer.resume=null"] if "eval_only" in override else [])
+    if override.startswith(("task.ignore", "data.digit", "data.rim")):
+        overrides.insert(0, "task=segmentation")
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(*overrides), world_size=2, cuda=False)
+
+
+def test_w_and_b_start_must_be_bounded_below_the_collective_timeout():
+    cfg = compose_config("logger.mode=online", "logger.init_timeout_s=60", "dist.timeout_s=30")
+    with pytest.raises(ConfigError, match=r"logger.init_timeout_s expected less than dist"):
+        validate(cfg, world_size=2, cuda=False)
+    validate(cfg, world_size=1, cuda=False)  # nobody waits for rank 0
+
+
+def test_several_bad_values_are_reported_together():
+    cfg = compose_config("optim.lr=inf", "trainer.log_every=0", "dist.timeout_s=0")
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg, world_size=1, cuda=False)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "bad configuration:" and len(lines) == 4, lines
+    assert [line.split()[1] for line in lines[1:]] == [
+        "trainer.log_every",
+        "optim.lr",
+        "dist.timeout_s",
+    ]
+
+
+@pytest.mark.slow
+def test_a_bad_value_under_torchrun_ends_every_rank_with_one_line_and_exit_78(tmp_path):
+    cmd = command(tmp_path / "run", "trainer.max_steps=-1", nproc=2)
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    lines = [line for line in output.splitlines() if "trainer.max_steps expected > 0" in line]
+    assert sorted(line.split(":")[0] for line in lines) == ["train.py", "train.py (rank 1)"]
+    assert output.count("exitcode  : 78") >= 1, output  # torchrun's summary: the workers' code
+    assert "syncbn/training" not in output, output  # no traceback from our code
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_wrong_type_exits_78_naming_the_key(tmp_path):
+    cmd = command(tmp_path / "run", "optim.lr=abc")
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78, done.stderr
+    assert "optim.lr" in done.stderr and "could not be converted to Float" in done.stderr
+    assert "Traceback" not in done.stderr
