@@ -36,6 +36,9 @@ class SyncBatchNorm(_BatchNorm):
 
     It is a drop-in for :class:`torch.nn.BatchNorm2d` and :class:`torch.nn.SyncBatchNorm`: the same
     arguments, parameters, buffers and ``state_dict`` keys, so checkpoints load either way.
+    ``SyncBatchNorm.convert_sync_batchnorm(module, process_group)`` works as ``nn.SyncBatchNorm``'s:
+    it is :func:`syncbn.convert_sync_batchnorm`, attached to this class by :mod:`syncbn.convert`,
+    which imports this module (this module imports neither it nor :mod:`syncbn.norm_act`).
 
     In eval mode, when ``torch.distributed`` is not initialized, and when the group has a single
     rank, it behaves exactly like ``nn.BatchNorm`` and communicates nothing.
@@ -297,15 +300,6 @@ class SyncBatchNorm(_BatchNorm):
         if reads_totals_on_host(input):
             return 1.0 / float(self.num_batches_tracked)
         return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal_()
-
-    @classmethod
-    def convert_sync_batchnorm(
-        cls, module: torch.nn.Module, process_group: ProcessGroup | None = None, **kwargs
-    ) -> torch.nn.Module:
-        """Same as :func:`syncbn.convert_sync_batchnorm`, spelled like ``nn.SyncBatchNorm``'s."""
-        from .convert import convert_sync_batchnorm
-
-        return convert_sync_batchnorm(module, process_group, **kwargs)
 
 
 def _validate_arguments(num_features, eps, momentum) -> None:

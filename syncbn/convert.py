@@ -17,6 +17,13 @@ is converted by a *converter* looked up in a registry by the layer's class:
 
 A class's converter also serves its subclasses as long as they do not override ``forward``.
 :func:`revert_sync_batchnorm` works the same way with a registry of reverters.
+
+Imports point one way: :mod:`syncbn.batchnorm` <- :mod:`syncbn.norm_act` <- this module. The
+layer does not know how models are converted, so ``SyncBatchNorm.convert_sync_batchnorm`` (kept
+for parity with ``nn.SyncBatchNorm.convert_sync_batchnorm``) is defined here and attached to the
+class when this module is imported. ``syncbn/__init__.py`` imports this module, and Python runs
+``syncbn/__init__.py`` before any ``syncbn.*`` submodule, so the classmethod is there wherever
+``SyncBatchNorm`` can be reached (``tests/layer/test_imports.py`` checks both).
 """
 
 from __future__ import annotations
@@ -425,6 +432,23 @@ def _swap(old: _BatchNorm, new_class: type[_BatchNorm], **kwargs) -> _BatchNorm:
     if getattr(old, "_is_full_backward_hook", None) is not None:
         new._is_full_backward_hook = old._is_full_backward_hook
     return new
+
+
+# ------------------------------------------------------ SyncBatchNorm.convert_sync_batchnorm
+
+
+def _convert_sync_batchnorm_classmethod(
+    cls, module: nn.Module, process_group: ProcessGroup | None = None, **kwargs
+) -> nn.Module:
+    """Same as :func:`syncbn.convert_sync_batchnorm`, spelled like ``nn.SyncBatchNorm``'s."""
+    return convert_sync_batchnorm(module, process_group, **kwargs)
+
+
+# Attached here rather than written in the class body: batchnorm.py must not import this module
+# (module docstring). The names make help() and tracebacks read as if it were written there.
+_convert_sync_batchnorm_classmethod.__name__ = "convert_sync_batchnorm"
+_convert_sync_batchnorm_classmethod.__qualname__ = "SyncBatchNorm.convert_sync_batchnorm"
+SyncBatchNorm.convert_sync_batchnorm = classmethod(_convert_sync_batchnorm_classmethod)
 
 
 # ---------------------------------------------------------------------------- built-in entries
