@@ -109,9 +109,9 @@ class Doc:
 def as_repo_path(token: str) -> str | None:
     """The repository path a token cites (``:line``, punctuation, ``key=`` removed; a
     ``::test_name`` kept), or None."""
-    token = token.rsplit("=", 1)[-1]
-    token = token.strip("\"'()[],;:!?*")
-    token = re.sub(r":\d+(-\d+)?$", "", token).rstrip(".,;:")
+    closing = "\"')],;:!?."
+    token = token.rsplit("=", 1)[-1].lstrip("\"'([*")
+    token = re.sub(r":\d+(-\d+)?$", "", token.rstrip(closing)).rstrip(closing)
     if not token or PLACEHOLDER.search(token):
         return None
     first = token.split("/", 1)[0]
