@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.testing import assert_close
 
 import syncbn
 from syncbn import SyncBatchNorm
@@ -85,6 +86,31 @@ def test_nan_in_the_statistics_names_the_layer_and_the_rank_with_bad_input(run_r
         assert error.startswith("FloatingPointError: SyncBatchNorm expected finite batch"), error
         assert "'encoder.bn1'" in error and "channels [2]" in error
         assert ("NOT finite" in error) == (rank == 1)
+
+
+def _non_finite_leaves_running_statistics(momentum: float | None) -> dict:
+    """Rank 1's input holds a NaN: the check raises on both ranks, and neither rank's running
+    statistics (non-trivial ones, after a finite batch) take in the NaN batch."""
+    layer = SyncBatchNorm(3, momentum=momentum, check_finite=True)
+    layer(torch.randn(4, 3, 2) * 2 + 1)  # finite: running statistics move away from 0 and 1
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    x = torch.randn(4, 3, 2)
+    if dist.get_rank() == 1:
+        x[1, 2, 0] = float("nan")
+    return {
+        "error": _expect_error(lambda: layer(x)),
+        "before": before,
+        "after": (layer.running_mean.clone(), layer.running_var.clone()),
+    }
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_non_finite_statistics_leave_the_running_statistics_untouched(run_ranks, momentum):
+    for r in run_ranks(_non_finite_leaves_running_statistics, 2, momentum):
+        error = r["error"]
+        assert error.startswith("FloatingPointError: SyncBatchNorm expected finite"), error
+        assert torch.isfinite(r["before"][0]).all() and (r["before"][0] != 0).all()
+        assert_close(r["after"], r["before"], rtol=0, atol=0)
 
 
 def _finite_check_is_off_by_default() -> bool:
