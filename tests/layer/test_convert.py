@@ -421,6 +421,23 @@ def test_sync_batchnorm_act_direct_use_and_plain_fallback():
         SyncBatchNormAct(3, act=torch.relu)
 
 
+@pytest.mark.parametrize("cls", [SyncBatchNormAct, BatchNormAct])
+def test_norm_act_keeps_its_drop_module_and_drops_before_the_activation(cls):
+    """SiLU(2 z) != 2 SiLU(z): with dropout active, act(drop(BN(x))) and drop(act(BN(x)))
+    differ, so the order shows (ReLU, PReLU with positive weights would commute with it)."""
+    drop, act = nn.Dropout(0.5), nn.SiLU()
+    layer = cls(3, drop=drop, act=act)
+    assert layer.drop is drop and layer.act is act
+    x = torch.randn(16, 3, 2) * 3 + 1
+    normalized = nn.BatchNorm1d(3)(x)
+    torch.manual_seed(1)
+    expected = act(drop(normalized))
+    torch.manual_seed(1)
+    assert not torch.allclose(drop(act(normalized)), expected)  # the order is observable
+    torch.manual_seed(1)
+    assert_close(layer(x), expected, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- unknown layers
 
 
