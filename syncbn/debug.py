@@ -10,6 +10,9 @@
 - ``SYNCBN_CHECK_FINITE=1`` (or ``check_finite=True``): NaN or Inf in the global batch statistics
   raises naming the layer and whether this rank's own input was finite (a host sync on CUDA).
 
+Both variables read 1/true/yes/on (any case) as on, 0/false/no/off or unset as off; any other
+value raises when a layer is built, so a misspelt flag does not leave a check silently off.
+
 Normal mode pays nothing: the flags are read once, when a layer is built.
 """
 
@@ -26,9 +29,22 @@ __all__ = ["check_finite_statistics", "check_same_call", "env_flag"]
 _PHASES = ("forward", "backward")
 
 
+_ON = frozenset({"1", "true", "yes", "on"})
+_OFF = frozenset({"", "0", "false", "no", "off"})
+
+
 def env_flag(name: str) -> bool:
-    """True when environment variable ``name`` is set to 1/true/yes/on."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    """Environment variable ``name`` as a flag: 1/true/yes/on or 0/false/no/off in any case and
+    with surrounding spaces; unset or empty is off. Any other value raises a ``ValueError``: a
+    misspelt ``SYNCBN_DEBUG`` must not leave the check silently off."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _ON | _OFF:
+        return value in _ON
+    raise ValueError(
+        f"SyncBatchNorm expected {name} to be 1/true/yes/on or 0/false/no/off (got {raw!r}); "
+        f"set {name}=1 to turn it on, unset it to turn it off"
+    )
 
 
 def check_same_call(

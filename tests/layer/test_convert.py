@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.testing import assert_close
 
 import syncbn
@@ -176,6 +177,54 @@ def test_revert_of_unknown_origin_and_torch_syncbn():
     assert type(revert_sync_batchnorm(SyncBatchNorm(3), bn_class=nn.BatchNorm2d)) is nn.BatchNorm2d
 
 
+def test_revert_bn_class_applies_to_converted_layers_and_spares_norm_act_layers():
+    """``bn_class`` wins over the class a plain layer was converted from; a norm + act layer
+    keeps its own class and act. The reverted layers still share the original tensors."""
+    original = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3), BatchNormAct2d(3)).eval()
+    tensors = [(m.weight, m.running_mean, m.num_batches_tracked) for m in original]
+    act = original[2].act
+    x = torch.randn(2, 3, 4, 4)
+    expected = original[1:](x)
+    model = revert_sync_batchnorm(convert_sync_batchnorm(original), bn_class=BatchNormNd)
+    assert [type(m) for m in model] == [BatchNormNd, BatchNormNd, BatchNormAct2d]
+    assert model[2].act is act
+    assert [(m.weight, m.running_mean, m.num_batches_tracked) for m in model] == tensors
+    assert_close(model[1:](x), expected, rtol=0, atol=0)
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(step)) * 2 + step
+
+
+def _cumulative(layer: _BatchNorm, steps: range) -> _BatchNorm:
+    for step in steps:
+        layer(_batch(step))
+    return layer
+
+
+def _running(layer) -> tuple[torch.Tensor, ...]:
+    return layer.running_mean, layer.running_var, layer.num_batches_tracked
+
+
+def test_convert_and_revert_keep_num_batches_tracked_for_the_cumulative_average():
+    """momentum=None: batch k enters the running average with weight 1 / k. A count lost in
+    either conversion would make the next batch overwrite the running statistics."""
+    reference = _cumulative(nn.BatchNorm2d(3, momentum=None), range(3))
+    trained = copy.deepcopy(reference)
+    count = trained.num_batches_tracked
+    sync = convert_sync_batchnorm(trained)
+    assert sync.num_batches_tracked is count and int(count) == 3
+    _cumulative(sync, range(3, 4))
+    _cumulative(reference, range(3, 4))
+    assert_close(_running(sync), _running(reference), rtol=0, atol=0)
+
+    back = revert_sync_batchnorm(sync)
+    assert back.num_batches_tracked is count and int(count) == 4
+    _cumulative(back, range(4, 5))
+    _cumulative(reference, range(4, 5))
+    assert_close(_running(back), _running(reference), rtol=0, atol=0)
+
+
 def test_converted_model_computes_what_the_original_does():
     torch.manual_seed(0)
     original = small_model()
@@ -184,6 +233,22 @@ def test_converted_model_computes_what_the_original_does():
     x = torch.randn(4, 3, 6, 6)
     assert_close(copy(x), original(x), rtol=0, atol=0)
     assert_close(copy.state_dict(), original.state_dict(), rtol=0, atol=0)
+
+
+def _trained_layer_synchronized_next() -> dict:
+    """A layer trained for 3 batches, converted; the 4th batch split between 2 ranks."""
+    rank = dist.get_rank()
+    reference = _cumulative(nn.BatchNorm2d(3, momentum=None), range(3))
+    sync = convert_sync_batchnorm(copy.deepcopy(reference))
+    sync(_batch(3)[3 * rank : 3 * rank + 3])
+    reference(_batch(3))
+    return {"got": _running(sync), "expected": _running(reference)}
+
+
+def test_converted_trained_layer_continues_its_cumulative_average_on_gloo_ranks(run_ranks):
+    for r in run_ranks(_trained_layer_synchronized_next, 2):
+        assert int(r["got"][2]) == 4
+        assert_close(r["got"], r["expected"], rtol=1e-5, atol=1e-6)
 
 
 def test_convert_rejects_uninitialized_lazy_layers():
@@ -354,6 +419,23 @@ def test_sync_batchnorm_act_direct_use_and_plain_fallback():
     assert type(convert_sync_batchnorm(back)) is SyncBatchNormAct  # and round again
     with pytest.raises(TypeError, match=r"SyncBatchNormAct expected act to be an nn.Module"):
         SyncBatchNormAct(3, act=torch.relu)
+
+
+@pytest.mark.parametrize("cls", [SyncBatchNormAct, BatchNormAct])
+def test_norm_act_keeps_its_drop_module_and_drops_before_the_activation(cls):
+    """SiLU(2 z) != 2 SiLU(z): with dropout active, act(drop(BN(x))) and drop(act(BN(x)))
+    differ, so the order shows (ReLU, PReLU with positive weights would commute with it)."""
+    drop, act = nn.Dropout(0.5), nn.SiLU()
+    layer = cls(3, drop=drop, act=act)
+    assert layer.drop is drop and layer.act is act
+    x = torch.randn(16, 3, 2) * 3 + 1
+    normalized = nn.BatchNorm1d(3)(x)
+    torch.manual_seed(1)
+    expected = act(drop(normalized))
+    torch.manual_seed(1)
+    assert not torch.allclose(drop(act(normalized)), expected)  # the order is observable
+    torch.manual_seed(1)
+    assert_close(layer(x), expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- unknown layers

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.testing import assert_close
 
 import syncbn
 from syncbn import SyncBatchNorm
@@ -87,6 +88,31 @@ def test_nan_in_the_statistics_names_the_layer_and_the_rank_with_bad_input(run_r
         assert ("NOT finite" in error) == (rank == 1)
 
 
+def _non_finite_leaves_running_statistics(momentum: float | None) -> dict:
+    """Rank 1's input holds a NaN: the check raises on both ranks, and neither rank's running
+    statistics (non-trivial ones, after a finite batch) take in the NaN batch."""
+    layer = SyncBatchNorm(3, momentum=momentum, check_finite=True)
+    layer(torch.randn(4, 3, 2) * 2 + 1)  # finite: running statistics move away from 0 and 1
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    x = torch.randn(4, 3, 2)
+    if dist.get_rank() == 1:
+        x[1, 2, 0] = float("nan")
+    return {
+        "error": _expect_error(lambda: layer(x)),
+        "before": before,
+        "after": (layer.running_mean.clone(), layer.running_var.clone()),
+    }
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_non_finite_statistics_leave_the_running_statistics_untouched(run_ranks, momentum):
+    for r in run_ranks(_non_finite_leaves_running_statistics, 2, momentum):
+        error = r["error"]
+        assert error.startswith("FloatingPointError: SyncBatchNorm expected finite"), error
+        assert torch.isfinite(r["before"][0]).all() and (r["before"][0] != 0).all()
+        assert_close(r["after"], r["before"], rtol=0, atol=0)
+
+
 def _finite_check_is_off_by_default() -> bool:
     layer = SyncBatchNorm(3)
     x = torch.randn(4, 3)
@@ -116,13 +142,27 @@ def test_a_collective_that_cannot_complete_fails_naming_the_layer(run_ranks):
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("env", ["1", "true", "0", ""])
+ON = ["1", "true", "TRUE", "True", " 1", "1\n", "yes", "ON"]
+OFF = ["0", "", "false", "FALSE", " no", "Off"]
+
+
+@pytest.mark.parametrize("env", ON + OFF)
 def test_environment_flags(monkeypatch, env):
     monkeypatch.setenv("SYNCBN_DEBUG", env)
     monkeypatch.setenv("SYNCBN_CHECK_FINITE", env)
     layer = SyncBatchNorm(2)
-    assert layer.debug == layer.check_finite == (env in ("1", "true"))
+    assert layer.debug == layer.check_finite == (env in ON)
     assert SyncBatchNorm(2, debug=False).debug is False
+
+
+@pytest.mark.parametrize("name", ["SYNCBN_DEBUG", "SYNCBN_CHECK_FINITE"])
+@pytest.mark.parametrize("env", ["2", "enabled", "ture", "-1"])
+def test_environment_flags_reject_other_values(monkeypatch, name, env):
+    """A misspelt flag is an error, not a debug mode silently left off."""
+    monkeypatch.setenv(name, env)
+    with pytest.raises(ValueError, match=rf"expected {name} to be 1/true/yes/on or 0/false/no/off"):
+        SyncBatchNorm(2)
+    SyncBatchNorm(2, debug=False, check_finite=False)  # an explicit argument does not read it
 
 
 def _same_name_different_width() -> str:
@@ -182,6 +222,28 @@ def _groups_run_different_layers() -> str:
 
 def test_debug_fingerprint_is_gathered_over_the_layers_group(run_ranks):
     assert run_ranks(_groups_run_different_layers, 4) == ["no error"] * 4
+
+
+def _diverges_inside_the_second_group() -> str:
+    """Groups of 2 on 4 ranks: ranks 0 and 1 agree; in the group {2, 3}, rank 2 runs 'a' and
+    rank 3 runs 'b'. The error must name them as ranks 2 and 3, not as positions 0 and 1."""
+    group = syncbn.new_sync_group(2)
+    model = syncbn.convert_sync_batchnorm(
+        nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)}), process_group=group
+    )
+    for layer in model.values():
+        layer.debug = True
+    name = "b" if dist.get_rank() == 3 else "a"
+    return _expect_error(lambda: model[name](torch.randn(4, 3)))
+
+
+def test_divergence_inside_a_group_names_global_ranks(run_ranks):
+    errors = run_ranks(_diverges_inside_the_second_group, 4)
+    assert errors[:2] == ["no error"] * 2
+    for error in errors[2:]:
+        assert "rank 2: forward of layer 'a'" in error, error
+        assert "rank 3: forward of layer 'b'" in error, error
+        assert "rank 0" not in error and "rank 1" not in error, error
 
 
 def _infinite_variance() -> str:

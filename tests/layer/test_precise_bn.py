@@ -219,3 +219,30 @@ def test_bad_arguments():
         syncbn.precise_bn(_model(False), [torch.zeros(2, 3, 4, 4)], 0)
     with pytest.raises(TypeError, match=r"batches that are a tensor.*\(got str\)"):
         syncbn.precise_bn(_model(False), ["not a batch"], 1)
+
+
+def _mixed_modes(sync: bool) -> nn.Module:
+    """An eval-mode dropout inside a model in training mode, and one training BN layer inside
+    an eval-mode block: no single ``train(flag)`` call, nor parents after children, restores it."""
+    model = _model(sync).eval()
+    model[2].train()
+    block = nn.Sequential(nn.Dropout(0.5), model).train()
+    block[0].eval()
+    return block
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["syncbn", "bn"])
+def test_every_module_keeps_its_own_mode(sync):
+    model = _mixed_modes(sync)
+    modes = [m.training for m in model.modules()]
+    assert any(modes) and not all(modes)
+    syncbn.precise_bn(model, _shard(1, 0), 2)
+    assert [m.training for m in model.modules()] == modes
+
+    def broken(model, batch):  # and when a forward raises: the modes come back all the same
+        model(batch)
+        raise RuntimeError("a forward failed")
+
+    with pytest.raises(RuntimeError, match="a forward failed"):
+        syncbn.precise_bn(model, _shard(1, 0), 2, forward=broken)
+    assert [m.training for m in model.modules()] == modes

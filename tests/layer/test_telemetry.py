@@ -72,6 +72,25 @@ def test_drift_and_global_count_equal_direct_computation(run_ranks, batch_sizes)
         assert r["summary"].startswith(f"bn telemetry: 2 layers, global batch {count:.0f}-")
 
 
+def test_overall_metrics_are_the_mean_over_layers_and_the_worst_rank_of_the_worst_layer(
+    run_ranks,
+):
+    """Uneven batches (6 and 1 samples): the rank with one sample drifts more, so the worst
+    rank's drift is above the mean over ranks, in each layer and over all layers."""
+    metrics = run_ranks(_telemetry_rank, 2, (6, 1))[0]["metrics"]
+    _, drifts = _expected_first_layer((6, 1))
+    per_layer = {
+        key: [metrics[f"bn/{layer}/{key}"] for layer in ("0", "2")]
+        for key in ("mean_drift", "var_drift", "mean_drift_max")
+    }
+    assert metrics["bn/mean_drift"] == pytest.approx(sum(per_layer["mean_drift"]) / 2)
+    assert metrics["bn/var_drift"] == pytest.approx(sum(per_layer["var_drift"]) / 2)
+    assert metrics["bn/mean_drift_max"] == pytest.approx(max(per_layer["mean_drift_max"]))
+    worst_rank = max(d for d, _ in drifts)
+    assert worst_rank > 1.2 * sum(d for d, _ in drifts) / 2  # the worst rank and the mean differ
+    assert metrics["bn/mean_drift_max"] >= worst_rank - 1e-12
+
+
 def _telemetry_in_groups_of_one() -> dict:
     """2 ranks whose layers each sync over a group of one: the normalization batch is the local
     batch, so the drift against it is zero and the global count is the local one (a telemetry
