@@ -324,14 +324,17 @@ def _format_of(t: Tensor) -> torch.memory_format:
 def path(name: str):
     """Run ``"cpu"``: the CPU path as it is; ``"cuda_branch"``: the CUDA branch of
     :mod:`syncbn.function` on CPU, through this model of its kernels, its per-channel steps op
-    by op; ``"cuda_branch_compiled"``: the same with those steps compiled, as on CUDA."""
+    by op; ``"cuda_branch_compiled"``: the same with those steps compiled, as on CUDA;
+    ``"triton"``: the Triton kernels on CPU tensors, through Triton's interpreter (which needs
+    ``TRITON_INTERPRET=1`` in the environment before ``triton`` is imported)."""
     from syncbn import kernels
 
-    if name not in ("cpu", "cuda_branch", "cuda_branch_compiled"):
-        raise ValueError(
-            f"path expected 'cpu', 'cuda_branch' or 'cuda_branch_compiled' (got {name!r})"
-        )
-    if name != "cpu":
+    names = ("cpu", "cuda_branch", "cuda_branch_compiled", "triton")
+    if name not in names:
+        raise ValueError(f"path expected one of {names} (got {name!r})")
+    if name == "triton":
+        kernels.override.kernels = kernels.triton_kernel_set(required=True)
+    elif name != "cpu":
         kernels.override.kernels = kernels.FusedKernels(
             sys.modules[__name__], compile_steps=name == "cuda_branch_compiled"
         )

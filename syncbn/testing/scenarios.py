@@ -34,7 +34,8 @@ class Case:
     steps: int = 3
     device: str = "cpu"  # "cuda": rank r runs on GPU r (an NCCL group), or "cuda:0" for all
     # "standin": the CUDA branch on CPU (syncbn/testing/cuda_standin.py); "standin_compiled":
-    # with its per-channel steps compiled, as on CUDA
+    # with its per-channel steps compiled, as on CUDA; "triton": the Triton kernels on CPU
+    # through Triton's interpreter (on CUDA: the default there)
     kernels: str = "default"
     params: torch.dtype | None = None  # parameter dtype; default: float32, float64 for float64
     constant_channel: bool = False  # channel 0 holds one value on every rank
@@ -99,7 +100,11 @@ def run_sync_bn(case: Case) -> dict:
     """On one rank: train SyncBatchNorm for ``case.steps`` steps, then evaluate; record all."""
     from syncbn.testing import cuda_standin
 
-    paths = {"standin": "cuda_branch", "standin_compiled": "cuda_branch_compiled"}
+    paths = {
+        "standin": "cuda_branch",
+        "standin_compiled": "cuda_branch_compiled",
+        "triton": "triton",
+    }
     with cuda_standin.path(paths.get(case.kernels, "cpu")):
         return _run_sync_bn(case)
 
