@@ -275,11 +275,13 @@ def _normalize(
             new_var = running_var.to(tl.float64) + weight * (unbiased - running_var.to(tl.float64))
             tl.store(
                 running_mean_ptr + cols,
-                new_mean.to(running_mean_ptr.dtype.element_ty),
+                new_mean.to(tl.float32).to(running_mean_ptr.dtype.element_ty),
                 mask=update,
             )
             tl.store(
-                running_var_ptr + cols, new_var.to(running_var_ptr.dtype.element_ty), mask=update
+                running_var_ptr + cols,
+                new_var.to(tl.float32).to(running_var_ptr.dtype.element_ty),
+                mask=update,
             )
 
     scale = invstd.to(tl.float32)
@@ -383,11 +385,15 @@ def _backward_reduce(
             grad_weight = total_dy_xmu * invstd
             tl.store(
                 grad_weight_ptr + cols,
-                grad_weight.to(grad_weight_ptr.dtype.element_ty),
+                grad_weight.to(tl.float32).to(grad_weight_ptr.dtype.element_ty),
                 mask=col_ok,
             )
         if WRITE_BIAS:
-            tl.store(grad_bias_ptr + cols, total_dy.to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(
+                grad_bias_ptr + cols,
+                total_dy.to(tl.float32).to(grad_bias_ptr.dtype.element_ty),
+                mask=col_ok,
+            )
 
 
 @triton.jit

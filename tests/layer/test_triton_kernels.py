@@ -151,8 +151,11 @@ def _launches_and_ops(batch_sizes, momentum, channels_last) -> tuple[int, list[s
             x.requires_grad_()
             bn(x).sum().backward()  # warm-up: caches (counters, error word) are made once
             launches.clear()
+            x.grad = None  # so that autograd does not add into old gradients (an add_ each)
+            bn.zero_grad(set_to_none=True)
+            ones = torch.ones_like(x)
             with mode:
-                bn(x).backward(torch.ones_like(x))
+                bn(x).backward(ones)
     finally:
         for name, kernel in originals.items():
             setattr(triton_kernels, name, kernel)
