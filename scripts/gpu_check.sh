@@ -36,7 +36,7 @@ started=$(date +%s)
 timeout "${TESTS_TIMEOUT:-330}" "$PY" -m pytest tests/gpu/test_cuda.py -q -rs \
     -p no:cacheprovider -o addopts="" --durations=12 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench/bench_gpu.py --out "$OUT/bench_gpu.json" ${COMPILE_MODEL:+--compile-model} 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo

@@ -14,6 +14,7 @@ from .convert import (
 )
 from .distributed import new_sync_group
 from .function import SyncBatchNormFunction, sync_batch_norm
+from .kernels import raise_device_errors
 from .norm_act import BatchNormAct, SyncBatchNormAct
 from .precise_bn import precise_bn
 from .telemetry import BNTelemetry
@@ -28,6 +29,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "new_sync_group",
     "precise_bn",
+    "raise_device_errors",
     "register_converter",
     "register_reverter",
     "revert_sync_batchnorm",

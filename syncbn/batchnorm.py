@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
 from .debug import env_flag
-from .function import SyncBatchNormFunction, SyncSpec, reads_totals_on_host
+from .function import SyncBatchNormFunction, SyncSpec
 from .kernels import local_moments64, memory_format
 from .moments import layer_signature
 
@@ -152,9 +152,10 @@ class SyncBatchNorm(_BatchNorm):
             self.bias,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
-            self._advance_num_batches(input) if tracking else 0.0,
+            self.momentum if tracking else 0.0,
             self.eps,
             self._spec(world_size),
+            self.num_batches_tracked if tracking else None,  # advanced by the function
         )
         if self._observe:
             self._record(input, mean, invstd, count)
@@ -286,20 +287,6 @@ class SyncBatchNorm(_BatchNorm):
             self.debug,
             self.check_finite,
         )
-
-    def _advance_num_batches(self, input: Tensor) -> float | Tensor:
-        """Advance num_batches_tracked; return the running-average weight of this batch.
-
-        ``momentum=None`` gives ``1 / num_batches_tracked``: a Python float where the host reads
-        it for free (CPU), a device tensor elsewhere, where ``nn.BatchNorm`` calls ``float()`` on
-        it (a host sync on CUDA).
-        """
-        self.num_batches_tracked.add_(1)
-        if self.momentum is not None:
-            return self.momentum
-        if reads_totals_on_host(input):
-            return 1.0 / float(self.num_batches_tracked)
-        return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal_()
 
 
 def _validate_arguments(num_features, eps, momentum) -> None:

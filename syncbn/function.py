@@ -112,12 +112,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
         bias: Tensor | None,
         running_mean: Tensor | None,
         running_var: Tensor | None,
-        momentum: float | Tensor,
+        momentum: float | Tensor | None,
         eps: float,
         spec: SyncSpec,
+        num_batches_tracked: Tensor | None = None,
     ):
         with _autocast_off(input.device.type):
             kernels = sbkernels.kernels_for(input)
+            if getattr(kernels, "owns_per_channel_steps", False):
+                return _forward_in_kernels(
+                    ctx, kernels, input, weight, bias, running_mean, running_var,
+                    momentum, eps, spec, num_batches_tracked,
+                )  # fmt: skip
+            if num_batches_tracked is not None:
+                momentum = advance_num_batches(
+                    num_batches_tracked, momentum, input, running_mean.dtype
+                )
             fused = kernels is not sbkernels.PORTABLE
             x = _dense(input) if fused else input
             channels = x.shape[1]
@@ -183,6 +193,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_count):
+        if getattr(ctx.kernels, "owns_per_channel_steps", False):
+            return _backward_in_kernels(ctx, grad_output)
         x, weight, mean, invstd, *device_count = ctx.saved_tensors
         count = ctx.count if ctx.count is not None else device_count[0]
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -228,7 +240,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
             grad_weight = _as(grad_weight, weight) if need_weight else None
             grad_bias = _as(grad_bias, weight) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def sync_batch_norm(
@@ -266,6 +278,23 @@ def sync_batch_norm(
     return output, mean, var, count
 
 
+def advance_num_batches(
+    num_batches_tracked: Tensor, momentum: float | None, x: Tensor, dtype: torch.dtype
+) -> float | Tensor:
+    """Advance ``num_batches_tracked``; return this batch's running-average weight.
+
+    ``momentum=None`` gives ``1 / num_batches_tracked``: a Python float where the host reads it
+    for free (CPU), a device tensor elsewhere, where ``nn.BatchNorm`` calls ``float()`` on it (a
+    host sync on CUDA). (The Triton kernels do both inside their launches.)
+    """
+    num_batches_tracked.add_(1)
+    if momentum is not None:
+        return momentum
+    if reads_totals_on_host(x):
+        return 1.0 / float(num_batches_tracked)
+    return num_batches_tracked.to(dtype).reciprocal_()
+
+
 def reads_totals_on_host(x: Tensor) -> bool:
     """Whether the forward of ``x`` reads the reduced count on the host: on CPU in eager mode,
     where that is free. On CUDA and under ``torch.compile`` every total stays on the device."""
@@ -290,6 +319,64 @@ def _reduce(packed: Tensor, group, layer_name: str, phase: str) -> Tensor:
             f"ran SyncBN layers a different number of times; rerun with SYNCBN_DEBUG=1 to find "
             f"the first divergent layer"
         ) from error
+
+
+# ------------------------------------------------------- kernel sets that own the whole step
+
+
+def _forward_in_kernels(
+    ctx, kernels, input, weight, bias, running_mean, running_var, momentum, eps, spec, batches
+):
+    """The forward with a kernel set that does every per-channel step inside its two launches
+    (:class:`~syncbn.kernels.triton_set.TritonKernels`): moments -> all-reduce -> normalize.
+    ``momentum`` is the layer's (``None``: cumulative); ``batches`` its num_batches_tracked,
+    which the kernels advance."""
+    x = input
+    channels = x.shape[1]
+    buffer, shift = kernels.pack_moments(x, running_mean, batches, spec.signature, spec.layer_name)
+    if spec.debug and not torch.compiler.is_compiling():
+        sbdebug.check_same_call(spec.layer_name, channels, x.dtype, "forward", spec.group, x.device)
+    buffer = _reduce(buffer, spec.group, spec.layer_name, "forward")
+    if spec.check_finite:  # before any update
+        q, p = buffer[: 2 * channels].view(2, channels)
+        sbdebug.check_finite_statistics(spec.layer_name, p, q, x)
+    output, mean, invstd = kernels.normalize_with_global_statistics(
+        x, buffer, shift, weight, bias, running_mean, running_var, batches, momentum, eps,
+        spec.world_size * spec.signature, spec.signature,
+    )  # fmt: skip
+    if not x.is_cuda:  # a host read is free: fail here, as the CPU path does
+        sbkernels.raise_device_errors(x.device)
+    ctx.set_materialize_grads(False)
+    ctx.kernels = kernels
+    ctx.spec = spec
+    ctx.save_for_backward(x, weight, mean, invstd, buffer)
+    total = buffer[2 * channels]
+    mean = mean[0]  # (2, C): the float32 mean and its remainder, kept for backward
+    ctx.mark_non_differentiable(mean, invstd, total)
+    return output, mean, invstd, total
+
+
+def _backward_in_kernels(ctx, grad_output):
+    """The backward with such a set: local sums -> all-reduce of the shares -> input gradient;
+    the parameter gradients are this rank's sums (DDP averages them)."""
+    x, weight, mean, invstd, buffer = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    kernels, spec = ctx.kernels, ctx.spec
+    dy = grad_output if grad_output is not None else torch.zeros_like(x)
+    with _autocast_off(x.device.type):
+        if not kernels.covers(dy):  # a gradient whose layout the kernels cannot address
+            dy = _dense(dy, like=x)
+        shares, grad_weight, grad_bias = kernels.backward_shares(
+            dy, x, mean, invstd, buffer, weight,
+            need_weight and weight is not None, need_bias and weight is not None,
+        )  # fmt: skip
+        if spec.debug and not torch.compiler.is_compiling():
+            sbdebug.check_same_call(
+                spec.layer_name, x.shape[1], shares.dtype, "backward", spec.group, x.device
+            )
+        means = _reduce(shares, spec.group, spec.layer_name, "backward")
+        grad_input = kernels.grad_input(dy, x, mean, invstd, weight, means) if need_input else None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- forward helpers

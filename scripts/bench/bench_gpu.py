@@ -39,6 +39,7 @@ from torch import nn
 
 import syncbn
 from syncbn import kernels as sbkernels
+from syncbn.testing import cuda_standin
 from syncbn.testing.bench import machine, top_level_ops, torch_syncbn_class, use_standin_kernels
 
 RESNET50_SHAPES = [
@@ -61,22 +62,26 @@ def ours(channels: int, device) -> nn.Module:
     return layer
 
 
-class CompiledSteps(nn.Module):
-    """``module`` with syncbn's per-channel steps compiled (``SYNCBN_FUSE_STEPS=1``) instead of
-    run op by op (the default): what they save in launches and cost in host time."""
+class KernelSet(nn.Module):
+    """``module`` run with one of syncbn's kernel sets (``SYNCBN_KERNELS``): ``triton`` (the
+    default on CUDA), ``aten`` (PyTorch's fused CUDA kernels, per-channel steps op by op) or
+    ``aten_compiled_steps`` (those steps compiled, ``SYNCBN_FUSE_STEPS=1``)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, kernel_set: str):
         super().__init__()
-        self.module = module
+        self.module, self.kernel_set = module, kernel_set
 
     def forward(self, *args):
-        with sbkernels.fused_steps(True):  # the backward reuses the kernel set its forward picked
+        # the backward reuses the kernel set its forward picked
+        name = "triton" if self.kernel_set == "triton" else "aten"
+        with cuda_standin.path(name), sbkernels.fused_steps(self.kernel_set.endswith("steps")):
             return self.module(*args)
 
 
 VARIANTS = {
-    "syncbn": ours,
-    "syncbn_compiled_steps": lambda c, device: CompiledSteps(ours(c, device)),
+    "syncbn": lambda c, device: KernelSet(ours(c, device), "triton"),
+    "syncbn_aten": lambda c, device: KernelSet(ours(c, device), "aten"),
+    "syncbn_compiled_steps": lambda c, device: KernelSet(ours(c, device), "aten_compiled_steps"),
     "torch_syncbn": lambda c, device: torch_syncbn_class()(c, device=device),
     "cudnn_bn": lambda c, device: nn.BatchNorm2d(c, device=device),
 }
@@ -165,6 +170,12 @@ def per_layer(args, device, timer) -> list[dict]:
             row["syncbn_own_over_cudnn"] = own / row["cudnn_bn_ms"]
             row["syncbn_over_torch_syncbn"] = row["syncbn_ms"] / row["torch_syncbn_ms"]
             row["compiled_steps_over_syncbn"] = row["syncbn_compiled_steps_ms"] / row["syncbn_ms"]
+            row["syncbn_over_cudnn"] = row["syncbn_ms"] / row["cudnn_bn_ms"]
+            row["syncbn_over_aten"] = row["syncbn_ms"] / row["syncbn_aten_ms"]
+            row["syncbn_gpu_us"] = gpu_kernel_time_us(
+                step_of(VARIANTS["syncbn"](channels, device), x, dy), device
+            )
+            row["eight_passes_us"] = 8 * x.numel() * x.element_size() / bandwidth(device) * 1e6
             rows.append(row)
             print(format_layer_row(row), flush=True)
     return rows
@@ -177,7 +188,10 @@ def format_layer_row(row: dict) -> str:
         f"| {row['torch_syncbn_ms']:.3f} "
         f"| {row['cudnn_bn_ms']:.3f} | {row['syncbn_own_over_cudnn']:.2f} "
         f"| {row['syncbn_over_torch_syncbn']:.2f} | {row['syncbn_compiled_steps_ms']:.3f} "
-        f"| {row['syncbn_kernels']} / {row['syncbn_compiled_steps_kernels']} / "
+        f"| {row['syncbn_aten_ms']:.3f} | {row['syncbn_over_cudnn']:.2f} "
+        f"| {row['syncbn_gpu_us']} | {row['eight_passes_us']:.1f} "
+        f"| {row['syncbn_kernels']} / {row['syncbn_aten_kernels']} / "
+        f"{row['syncbn_compiled_steps_kernels']} / "
         f"{row['torch_syncbn_kernels']} / {row['cudnn_bn_kernels']} "
         f"| {row['syncbn_ops']} / {row['syncbn_compiled_steps_ops']} / {row['torch_syncbn_ops']} / "
         f"{row['cudnn_bn_ops']} |"
@@ -185,10 +199,12 @@ def format_layer_row(row: dict) -> str:
 
 
 LAYER_HEADER = (
-    "| config | shape | syncbn (ms) | its 2 collectives | syncbn without them | torch SyncBN fn "
-    "| cuDNN BN | own/cuDNN | syncbn/torch | syncbn, steps compiled (ms) "
-    "| CUDA kernels syncbn/compiled steps/torch/cuDNN | ops syncbn/compiled steps/torch/cuDNN |"
-    "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| config | shape | syncbn, Triton (ms) | its 2 collectives | syncbn without them "
+    "| torch SyncBN fn | cuDNN BN | own/cuDNN | syncbn/torch | syncbn, ATen steps compiled (ms) "
+    "| syncbn, ATen (ms) | syncbn/cuDNN | Triton GPU time (us) | 8 passes at bandwidth (us) "
+    "| CUDA kernels Triton/ATen/compiled steps/torch/cuDNN "
+    "| ops syncbn/compiled steps/torch/cuDNN |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -213,13 +229,13 @@ def build_model(args, norm: str, device) -> nn.Module | None:
         except ImportError:
             return None
         model = torchvision.models.resnet50(num_classes=1000)
-    if norm in ("syncbn", "syncbn_compiled_steps"):
+    if norm.startswith("syncbn"):
         model = syncbn.convert_sync_batchnorm(model)
         for layer in model.modules():
             if isinstance(layer, syncbn.SyncBatchNorm):
                 layer._always_sync = True
-        if norm == "syncbn_compiled_steps":
-            model = CompiledSteps(model)
+        kernel_set = {"syncbn": "triton", "syncbn_aten": "aten"}.get(norm, "aten_compiled_steps")
+        model = KernelSet(model, kernel_set)
     elif norm == "torch_syncbn":
         model = _swap_batchnorms(model, torch_syncbn_class())
     return model.to(device=device, memory_format=torch.channels_last)
@@ -240,7 +256,7 @@ def training_steps(args, device, timer) -> list[dict] | str:
     size = 32 if args.smoke else 224
     batch = 4 if args.smoke else args.batch
     rows = []
-    for norm in ("cudnn_bn", "syncbn", "syncbn_compiled_steps", "torch_syncbn"):
+    for norm in ("cudnn_bn", "syncbn", "syncbn_aten", "syncbn_compiled_steps", "torch_syncbn"):
         model = build_model(args, norm, device)
         if model is None:
             return "skipped: torchvision is not installed"
@@ -260,14 +276,75 @@ def training_steps(args, device, timer) -> list[dict] | str:
 
         row = {"norm": norm, "batch": batch, "image_size": size, "eager_ms": timer(step)}
         row["graphed_ms"] = graphed(step, timer) if device.type == "cuda" else None
+        if args.compile_model and norm in ("cudnn_bn", "syncbn", "torch_syncbn"):
+            row["compiled_ms"] = compiled_model_step(model, optimizer, x, target, amp, timer)
         rows.append(row)
         graph = row["graphed_ms"]  # None on CPU, a message when capture failed
         print(
             f"| {norm} | {row['eager_ms']:.2f} | "
-            f"{f'{graph:.2f}' if isinstance(graph, float) else graph} |",
+            f"{f'{graph:.2f}' if isinstance(graph, float) else graph} | {row.get('compiled_ms')} |",
             flush=True,
         )
     return rows
+
+
+def compiled_model_step(model, optimizer, x, target, amp, timer) -> float | str:
+    """The step with ``torch.compile(model)`` (syncbn's portable ops, fused by inductor)."""
+    try:
+        compiled = torch.compile(model)
+
+        def step():
+            optimizer.zero_grad(set_to_none=False)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = nn.functional.cross_entropy(compiled(x), target)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(3):  # compile
+            step()
+        return timer(step)
+    except Exception as error:  # report, keep the rest of the benchmark
+        return f"compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def step_of(layer, x, dy):
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(dy)
+
+    return step
+
+
+def gpu_kernel_time_us(fn, device) -> float | None:
+    """Microseconds the GPU spends in kernels for one call of ``fn`` (profiler), after a warm-up."""
+    if device.type != "cuda":
+        return None
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        fn()
+        torch.cuda.synchronize()
+    total = sum(
+        e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        for e in profile.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    return round(total, 1)
+
+
+def bandwidth(device) -> float:
+    """Bytes per second of the GPU's memory, from its properties (a CPU smoke run: 1e11)."""
+    if device.type != "cuda":
+        return 1e11
+    props = torch.cuda.get_device_properties(device)
+    clock = getattr(props, "memory_clock_rate", 0)  # kHz
+    width = getattr(props, "memory_bus_width", 0)  # bits
+    if clock and width:
+        return 2 * clock * 1e3 * width / 8
+    return {"H100": 3.35e12, "H200": 4.8e12}.get(
+        next((k for k in ("H200", "H100") if k in props.name), ""), 3e12
+    )
 
 
 def graphed(step, timer) -> float | str:
@@ -298,11 +375,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32, help="ResNet-50 step batch")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run (stand-in kernels)")
+    parser.add_argument(
+        "--compile-model", action="store_true", help="also time the step under torch.compile"
+    )
     parser.add_argument("--skip-model", action="store_true", help="per-layer results only")
     parser.add_argument("--out", default="results/gpu/bench_gpu.json")
     args = parser.parse_args()
 
     if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors
         device, backend = torch.device("cpu"), "gloo"
         args.iters, args.warmup = 3, 1
         use_standin_kernels()

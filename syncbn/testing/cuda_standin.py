@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 
 import torch
@@ -324,18 +325,28 @@ def _format_of(t: Tensor) -> torch.memory_format:
 def path(name: str):
     """Run ``"cpu"``: the CPU path as it is; ``"cuda_branch"``: the CUDA branch of
     :mod:`syncbn.function` on CPU, through this model of its kernels, its per-channel steps op
-    by op; ``"cuda_branch_compiled"``: the same with those steps compiled, as on CUDA."""
+    by op; ``"cuda_branch_compiled"``: the same with those steps compiled, as on CUDA;
+    ``"triton"`` / ``"aten"``: that kernel set by name (``SYNCBN_KERNELS``), on CPU tensors the
+    Triton kernels through Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before
+    ``triton`` is imported); ``"default"``: whatever the device chooses."""
     from syncbn import kernels
 
-    if name not in ("cpu", "cuda_branch", "cuda_branch_compiled"):
-        raise ValueError(
-            f"path expected 'cpu', 'cuda_branch' or 'cuda_branch_compiled' (got {name!r})"
-        )
-    if name != "cpu":
+    names = ("cpu", "default", "cuda_branch", "cuda_branch_compiled", "triton", "aten")
+    if name not in names:
+        raise ValueError(f"path expected one of {names} (got {name!r})")
+    requested = os.environ.get("SYNCBN_KERNELS")
+    if name in ("triton", "aten"):
+        os.environ["SYNCBN_KERNELS"] = name
+    elif name.startswith("cuda_branch"):
         kernels.override.kernels = kernels.FusedKernels(
             sys.modules[__name__], compile_steps=name == "cuda_branch_compiled"
         )
     try:
         yield
     finally:
-        kernels.override.kernels = None
+        if name.startswith("cuda_branch"):
+            kernels.override.kernels = None
+        if requested is None:
+            os.environ.pop("SYNCBN_KERNELS", None)
+        else:
+            os.environ["SYNCBN_KERNELS"] = requested

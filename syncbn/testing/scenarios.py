@@ -34,7 +34,8 @@ class Case:
     steps: int = 3
     device: str = "cpu"  # "cuda": rank r runs on GPU r (an NCCL group), or "cuda:0" for all
     # "standin": the CUDA branch on CPU (syncbn/testing/cuda_standin.py); "standin_compiled":
-    # with its per-channel steps compiled, as on CUDA
+    # with its per-channel steps compiled, as on CUDA; "triton": the Triton kernels on CPU
+    # through Triton's interpreter (on CUDA: the default there); "aten": PyTorch's CUDA kernels
     kernels: str = "default"
     params: torch.dtype | None = None  # parameter dtype; default: float32, float64 for float64
     constant_channel: bool = False  # channel 0 holds one value on every rank
@@ -99,7 +100,12 @@ def run_sync_bn(case: Case) -> dict:
     """On one rank: train SyncBatchNorm for ``case.steps`` steps, then evaluate; record all."""
     from syncbn.testing import cuda_standin
 
-    paths = {"standin": "cuda_branch", "standin_compiled": "cuda_branch_compiled"}
+    paths = {
+        "standin": "cuda_branch",
+        "standin_compiled": "cuda_branch_compiled",
+        "triton": "triton",
+        "aten": "aten",
+    }
     with cuda_standin.path(paths.get(case.kernels, "cpu")):
         return _run_sync_bn(case)
 
@@ -289,7 +295,12 @@ def _half_precision_reduction(case: Case) -> bool:
     :math:`g (x - \mu)` and the partial sums of its tree reduction to the input's dtype
     (``Float2(scalar_t, scalar_t)`` in Normalization.cuh), so float32 parameters do not get
     float32 gradients: torch.nn.SyncBatchNorm computes them with the same kernel."""
-    return case.device.startswith("cuda") and case.dtype in (torch.float16, torch.bfloat16)
+    if not case.device.startswith("cuda") or case.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    from syncbn import kernels
+
+    # the Triton kernels (the default on CUDA where triton imports) accumulate in float32
+    return case.kernels == "aten" or (case.kernels == "default" and not kernels.triton_kernel_set())
 
 
 def _summation_error_bound(case: Case, absolute_terms: torch.Tensor) -> torch.Tensor:

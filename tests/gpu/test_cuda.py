@@ -25,6 +25,7 @@ from torch.testing import assert_close
 
 import syncbn
 from syncbn import kernels as sbkernels
+from syncbn.testing import cuda_standin
 from syncbn.testing.scenarios import SCENARIOS, Case, check_against_reference, run_sync_bn, to_cpu
 
 pytestmark = [
@@ -33,9 +34,12 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("kernels", ["default", "aten"], ids=["triton", "aten"])
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_gloo_ranks_on_one_gpu_match_batchnorm(run_ranks, name):
-    case = dataclasses.replace(SCENARIOS[name], device="cuda:0")
+def test_gloo_ranks_on_one_gpu_match_batchnorm(run_ranks, name, kernels):
+    """The default on CUDA is the Triton set (float64 keeps PyTorch's kernels); the ATen set
+    stays tested by name (SYNCBN_KERNELS=aten)."""
+    case = dataclasses.replace(SCENARIOS[name], device="cuda:0", kernels=kernels)
     check_against_reference(run_ranks(run_sync_bn, len(case.batch_sizes), case), case)
 
 
@@ -81,10 +85,12 @@ def _state(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()] + [b.clone() for b in model.buffers()]
 
 
-def _graphed_training_step(batch: int, compiled_steps: bool) -> tuple[list[dict], list[str]]:
-    """The records of :func:`_graphed_vs_eager`, and why any compiled step fell back."""
+def _graphed_training_step(batch: int, variant: str) -> tuple[list[dict], list[str]]:
+    """The records of :func:`_graphed_vs_eager` with the kernel set ``variant`` ("triton",
+    "aten" or "aten_compiled_steps"), and why any compiled step fell back."""
     sbkernels._COMPILED.clear()
-    with sbkernels.fused_steps(compiled_steps):
+    kernel_set = "triton" if variant == "triton" else "aten"
+    with cuda_standin.path(kernel_set), sbkernels.fused_steps(variant == "aten_compiled_steps"):
         records = _graphed_vs_eager(batch)
     return records, [step.failure for step in sbkernels._COMPILED.values() if step.failure]
 
@@ -141,13 +147,13 @@ class _no_host_sync:
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("compiled_steps", [False, True], ids=["op_by_op", "compiled_steps"])
+@pytest.mark.parametrize("variant", ["triton", "aten", "aten_compiled_steps"])
 @pytest.mark.parametrize("batch", [4, 0], ids=["full", "empty_global_batch"])
-def test_cuda_graph_replay_matches_eager_without_host_sync(run_ranks, batch, compiled_steps):
+def test_cuda_graph_replay_matches_eager_without_host_sync(run_ranks, batch, variant):
     """Replays equal eager mode, including ``momentum=None`` and an empty global batch (whose
     running statistics must not move), and nothing in SyncBN synchronizes with the host."""
     ((records, failures),) = run_ranks(
-        _graphed_training_step, 1, batch, compiled_steps, backend="nccl", timeout=300
+        _graphed_training_step, 1, batch, variant, backend="nccl", timeout=300
     )
     assert failures == []
     for replay, record in enumerate(records):
@@ -205,7 +211,7 @@ def _steps_compiled() -> dict:
     sbkernels._COMPILED.clear()
     launches = {}
     for compiled in (True, False):
-        with sbkernels.fused_steps(compiled):
+        with cuda_standin.path("aten"), sbkernels.fused_steps(compiled):
             for _ in range(2):  # compile, then count
                 with torch.profiler.profile() as profile:
                     _step(model, x)
@@ -236,3 +242,36 @@ def _rank_check():
 
 def test_nccl_group_of_one(run_ranks):
     assert run_ranks(_rank_check, 1, backend="nccl") == ["nccl"]
+
+
+def _triton_launches() -> dict:
+    """Kernels on the GPU for one SyncBN layer's forward+backward (one-rank NCCL group, the
+    synchronized path forced), by name, after a warm-up that compiles the Triton kernels."""
+    layer = syncbn.SyncBatchNorm(64).cuda()
+    layer._always_sync = True
+    x = torch.randn(8, 64, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    with cuda_standin.path("triton"):
+        for _ in range(2):
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            with torch.profiler.profile() as profile:
+                layer(x).backward(grad)
+                torch.cuda.synchronize()
+    names = [
+        e.name
+        for e in profile.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not e.name.lower().startswith(("memcpy", "memset"))
+    ]
+    return {"names": names, "triton": [n for n in names if n.startswith("_")]}
+
+
+def test_triton_layer_launches_four_kernels_and_two_collectives(run_ranks):
+    (report,) = run_ranks(_triton_launches, 1, backend="nccl", timeout=300)
+    assert sorted(report["triton"]) == sorted(
+        ["_moments", "_normalize", "_backward_reduce", "_grad_input"]
+    ), report
+    assert len(report["names"]) <= 6, report  # the two NCCL all-reduces besides

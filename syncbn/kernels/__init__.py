@@ -54,6 +54,9 @@ __all__ = [
     "PortableKernels",
     "fused_steps",
     "kernels_for",
+    "raise_device_errors",
+    "requested_kernels",
+    "triton_kernel_set",
     "local_moments64",
     "memory_format",
     "stat_dtype",
@@ -330,14 +333,91 @@ def fused_steps(compiled: bool):
         FUSED = default
 
 
-# Tests set ``override.kernels`` to run a kernel set (the CPU model of the CUDA kernels) on CPU.
+# Tests set ``override.kernels`` to run a kernel set (the CPU model of the CUDA kernels, or the
+# Triton kernels under the interpreter) on CPU tensors.
 override = SimpleNamespace(kernels=None)
+
+KERNEL_SETS = ("triton", "aten", "portable")
+_TRITON: list = []  # [TritonKernels()] once triton imported, [None] if it cannot
+
+
+def requested_kernels() -> str | None:
+    """``SYNCBN_KERNELS`` (``triton``, ``aten`` or ``portable``), or ``None`` for the default."""
+    value = os.environ.get("SYNCBN_KERNELS", "").strip().lower()
+    if not value:
+        return None
+    if value not in KERNEL_SETS:
+        raise ValueError(
+            f"SYNCBN_KERNELS expected one of {', '.join(KERNEL_SETS)} (got {value!r}); unset it "
+            f"for the default (Triton on CUDA where it imports, else PyTorch's kernels)"
+        )
+    return value
+
+
+def triton_kernel_set(required: bool = False):
+    """The Triton set, imported on first use; ``None`` when ``triton`` does not import (an error
+    if ``required``)."""
+    if not _TRITON:
+        try:
+            from .triton_set import TritonKernels
+        except ImportError as error:
+            if required:
+                raise RuntimeError(
+                    f"SYNCBN_KERNELS=triton expected the triton package to import (got "
+                    f"{type(error).__name__}: {error}); pip install triton, or unset SYNCBN_KERNELS"
+                ) from error
+            _TRITON.append(None)
+        else:
+            _TRITON.append(TritonKernels())
+    return _TRITON[0]
+
+
+def raise_device_errors(device: torch.device | None = None) -> None:
+    """Raise the error of the first failed device-side check of a Triton-kernel layer since the
+    last call (ranks at different layers, one value per channel), naming the layer; a no-op when
+    the Triton kernels never ran. One host read per device: call it where training syncs anyway
+    (e.g. where it reads the loss)."""
+    if _TRITON and _TRITON[0] is not None:
+        from .triton_set import raise_device_errors as check
+
+        check(device)
 
 
 def kernels_for(x: Tensor):
-    """The kernel set for ``x``: fused on CUDA in eager mode, portable otherwise."""
+    """The kernel set for ``x``.
+
+    Under ``torch.compile``: portable (inductor fuses it). Else ``SYNCBN_KERNELS`` when set, and
+    by default: Triton on CUDA (float32/16/bf16, any dense layout) where ``triton`` imports,
+    PyTorch's fused CUDA kernels for the rest of CUDA, portable on CPU. A set that does not cover
+    an input (Triton and float64) falls back to the default for its device.
+    """
     if torch.compiler.is_compiling():
         return PORTABLE
+    requested = requested_kernels()
+    if requested == "portable":
+        return PORTABLE
+    if requested == "triton" or (requested is None and x.is_cuda):
+        triton_set = triton_kernel_set(required=requested == "triton")
+        if triton_set is not None and triton_set.covers(x):
+            if x.is_cuda:
+                return triton_set
+            from .triton_set import interpreted
+
+            if not interpreted():
+                raise RuntimeError(
+                    "SYNCBN_KERNELS=triton expected CUDA tensors, or TRITON_INTERPRET=1 set "
+                    "before triton is imported to run the kernels on CPU tensors (got a CPU "
+                    "tensor without it)"
+                )
+            return triton_set
     if x.is_cuda:
         return FUSED
-    return override.kernels or PORTABLE
+    if requested == "aten" and override.kernels is None:
+        raise RuntimeError(
+            "SYNCBN_KERNELS=aten expected CUDA tensors: PyTorch's synchronized-BN kernels are "
+            "CUDA-only (got a CPU tensor); use portable or triton on CPU"
+        )
+    chosen = override.kernels
+    if chosen is not None and getattr(chosen, "covers", None) is not None and not chosen.covers(x):
+        return PORTABLE
+    return chosen or PORTABLE

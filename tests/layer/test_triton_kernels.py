@@ -1,0 +1,271 @@
+"""The Triton kernel set on CPU tensors, through Triton's interpreter (the same kernel code the GPU
+compiles), on real gloo ranks against nn.BatchNorm on the concatenated batch.
+
+Every scenario of the CUDA branch (``syncbn.testing.scenarios.SCENARIOS``) runs here, with half
+precision input checked at float32 accuracy for the parameter gradients (the Triton kernels
+accumulate in float32; PyTorch's CUDA reduction does not). Then what the kernels promise besides:
+four launches per layer forward+backward and no other op, determinism, the device-side checks, the
+fallbacks, and a compile of every kernel for a GPU (sm_90) without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import syncbn
+from syncbn import kernels as sbkernels
+from syncbn.testing import cuda_standin
+from syncbn.testing.scenarios import SCENARIOS, Case, check_against_reference, run_sync_bn
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TRITON_SCENARIOS = {
+    name: case
+    for name, case in SCENARIOS.items()
+    if case.dtype != torch.float64  # float64 keeps the other kernels (tested elsewhere)
+}
+EXTRA_SCENARIOS = {
+    "float32_large_mean": Case((3, 2), spatial=(4, 5), dtype=torch.float32, momentum=None),
+    "float32_one_channel_many_values": Case((9, 7), spatial=(17, 13), channels=1, steps=2),
+    "float16_channels_last_uneven": Case(
+        (1, 5, 0), spatial=(3, 3), dtype=torch.float16, memory_format=torch.channels_last
+    ),
+    "bfloat16_N_C_L": Case((4, 2), spatial=(6,), dtype=torch.bfloat16, momentum=None),
+    "float32_subgroups": Case((2, 3, 1, 2), dtype=torch.float32, group_size=2),
+}
+
+
+def _triton(case: Case) -> Case:
+    return dataclasses.replace(case, kernels="triton")
+
+
+@pytest.mark.parametrize("name", [*TRITON_SCENARIOS, *EXTRA_SCENARIOS])
+def test_triton_kernels_match_batchnorm(run_ranks, name):
+    case = _triton({**TRITON_SCENARIOS, **EXTRA_SCENARIOS}[name])
+    results = run_ranks(run_sync_bn, len(case.batch_sizes), case, timeout=300)
+    check_against_reference(results, case)
+
+
+def _large_mean_step() -> dict:
+    """One training step of float32 input at mean 1e4 and std 1: the first step, so the shift
+    (the running mean) is still zero."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    x = (torch.randn(8, 3, 10, 12, dtype=torch.float64) + 1e4).float()
+    g = torch.randn(x.shape)
+    mine = x[rank * 4 : rank * 4 + 4].clone().requires_grad_()
+    with cuda_standin.path("triton"):
+        bn = syncbn.SyncBatchNorm(3)
+        bn(mine).backward(g[rank * 4 : rank * 4 + 4])
+    return {"dx": mine.grad, "dw": bn.weight.grad, "mean": bn.running_mean}
+
+
+def test_float32_at_a_mean_of_ten_thousand_stds_is_exact_to_float32(run_ranks):
+    """Each program centres on its first value and merges in float64; the normalize and
+    backward kernels centre with the mean's float32 remainder too: float32 input with a mean of
+    1e4 std gets gradients within float32 round-off of the float64 truth."""
+    ranks = run_ranks(_large_mean_step, 2)
+    torch.manual_seed(0)
+    x = (torch.randn(8, 3, 10, 12, dtype=torch.float64) + 1e4).float().double()
+    g = torch.randn(x.shape).double()
+    x.requires_grad_()
+    reference = nn.BatchNorm2d(3, dtype=torch.float64)
+    reference(x).backward(g)
+    dx = torch.cat([r["dx"] for r in ranks]).double()
+    assert_close(dx, x.grad, rtol=0, atol=2e-5)
+    dw = sum(r["dw"].double() for r in ranks)
+    assert_close(dw, reference.weight.grad, rtol=0, atol=1e-3)  # a sum of 480 unit terms
+    assert_close(ranks[0]["mean"].double(), reference.running_mean, rtol=1e-7, atol=0)
+
+
+class _Ops(TorchDispatchMode):
+    """The ATen ops a training step issues outside the Triton kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+ALLOCATION_AND_VIEWS = {
+    "empty", "empty_like", "empty_strided", "view", "select", "slice", "unbind", "alias",
+    "detach", "as_strided", "t", "expand", "unsqueeze", "squeeze",
+}  # fmt: skip
+HOST_READ_ON_CPU = {"_local_scalar_dense"}  # the error word, read at once on CPU tensors only
+
+
+def _launches_and_ops(batch_sizes, momentum, channels_last) -> tuple[int, list[str]]:
+    from syncbn.kernels import triton_kernels
+
+    rank = dist.get_rank()
+    mode = _Ops()
+    launches = []
+    originals = {}
+    for name in ("_moments", "_normalize", "_backward_reduce", "_grad_input"):
+        kernel = getattr(triton_kernels, name)
+        originals[name] = kernel
+
+        class Counted:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launch = self.kernel[grid]
+
+                def run(*args, **kwargs):
+                    launches.append(self.name)
+                    mode.paused = True
+                    try:
+                        return launch(*args, **kwargs)
+                    finally:
+                        mode.paused = False
+
+                return run
+
+        setattr(triton_kernels, name, Counted(kernel, name))
+    try:
+        with cuda_standin.path("triton"):
+            bn = syncbn.SyncBatchNorm(4, momentum=momentum)
+            x = torch.randn(batch_sizes[rank], 4, 3, 5)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            bn(x).sum().backward()  # warm-up: caches (counters, error word) are made once
+            launches.clear()
+            x.grad = None  # so that autograd does not add into old gradients (an add_ each)
+            bn.zero_grad(set_to_none=True)
+            ones = torch.ones_like(x)
+            with mode:
+                bn(x).backward(ones)
+    finally:
+        for name, kernel in originals.items():
+            setattr(triton_kernels, name, kernel)
+    others = [op for op in mode.ops if op not in ALLOCATION_AND_VIEWS | HOST_READ_ON_CPU]
+    return len(launches), others
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("batch_sizes", [(3, 2), (0, 3)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_four_launches_and_no_other_kernel_per_layer(
+    run_ranks, batch_sizes, momentum, channels_last
+):
+    """Forward+backward: moments, normalize, backward reduce, input gradient (three on an empty
+    rank: no input gradient to write), and besides them only allocations, views and the two
+    all-reduces: no zero-fill, cast, copy or per-channel op, and num_batches_tracked advanced
+    inside the kernels."""
+    results = run_ranks(_launches_and_ops, 2, batch_sizes, momentum, channels_last)
+    for rank, (launches, others) in enumerate(results):
+        assert launches == (4 if batch_sizes[rank] else 3), (rank, launches)
+        assert set(others) <= {"allreduce_"}, others
+        assert others.count("allreduce_") == 2, others
+
+
+def _twice() -> list[dict]:
+    rank = dist.get_rank()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(rank)
+        with cuda_standin.path("triton"):
+            bn = syncbn.SyncBatchNorm(5, momentum=None)
+            x = torch.randn(6, 5, 7, 9, dtype=torch.bfloat16, requires_grad=True)
+            y = bn(x)
+            y.backward(torch.randn_like(y))
+        runs.append({"y": y, "dx": x.grad, "dw": bn.weight.grad, "rv": bn.running_var})
+    return runs
+
+
+def test_the_same_input_gives_bit_identical_results(run_ranks):
+    for first, second in run_ranks(_twice, 2):
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+
+
+def _checks(case: str) -> str:
+    rank = dist.get_rank()
+    with cuda_standin.path("triton"):
+        try:
+            if case == "one_value":
+                bn = syncbn.SyncBatchNorm(3)
+                bn(torch.randn(1 if rank == 0 else 0, 3))
+            else:
+                layers = syncbn.convert_sync_batchnorm(
+                    nn.ModuleDict({"a": nn.BatchNorm1d(3), "b": nn.BatchNorm1d(3)})
+                )
+                bn = layers["a" if rank == 0 else "b"]
+                bn(torch.randn(4, 3))
+        except (RuntimeError, ValueError) as error:
+            untouched = torch.equal(bn.running_mean, torch.zeros(3))
+            return f"{error} | running stats untouched: {untouched}"
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("one_value", "expected more than 1 value per channel"),
+        ("mixed_layers", "layer 'a' expected every rank of its group in this layer"),
+    ],
+)
+def test_device_side_checks_name_the_layer_and_leave_running_stats(run_ranks, case, message):
+    for error in run_ranks(_checks, 2, case):
+        assert message in error or (case == "mixed_layers" and "layer 'b'" in error), error
+        assert "running stats untouched: True" in error, error
+
+
+def test_float64_and_unaddressable_layouts_fall_back_to_the_other_kernels(monkeypatch):
+    monkeypatch.setenv("SYNCBN_KERNELS", "triton")
+    triton_set = sbkernels.triton_kernel_set(required=True)
+    assert sbkernels.kernels_for(torch.zeros(2, 3, 4)) is triton_set
+    assert sbkernels.kernels_for(torch.zeros(2, 3, 4, dtype=torch.float64)) is sbkernels.PORTABLE
+    # (N, C, H, W) whose H and W cannot share one stride: a crop of the width
+    cropped = torch.zeros(2, 3, 4, 6)[..., 1:4]
+    assert sbkernels.kernels_for(cropped) is sbkernels.PORTABLE
+    monkeypatch.setenv("SYNCBN_KERNELS", "portable")
+    assert sbkernels.kernels_for(torch.zeros(2, 3, 4)) is sbkernels.PORTABLE
+
+
+def test_a_bad_kernel_choice_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("SYNCBN_KERNELS", "cudnn")
+    with pytest.raises(ValueError, match=r"SYNCBN_KERNELS expected one of triton, aten, portable"):
+        sbkernels.kernels_for(torch.zeros(2, 3))
+    monkeypatch.setenv("SYNCBN_KERNELS", "aten")
+    with pytest.raises(RuntimeError, match=r"SYNCBN_KERNELS=aten expected CUDA tensors"):
+        sbkernels.kernels_for(torch.zeros(2, 3))
+
+
+def _nvidia_backend() -> bool:
+    return importlib.util.find_spec("triton.backends.nvidia") is not None
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+def test_every_kernel_compiles_for_a_gpu_without_one():
+    """The interpreter accepts code the GPU compiler refuses (types, scalar/vector mixes): each
+    kernel compiles to a cubin for sm_90 (Hopper), both tilings, with ptxas and no GPU (in a
+    fresh process: this one runs Triton interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "syncbn.testing.triton_compile"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 8, done.stdout
