@@ -261,7 +261,7 @@ def test_the_checks_catch_each_kind_of_citation_and_ignore_the_rest():
             [
                 "# A page",
                 "See `syncbn/kernel.py`, `tests/layer/test_nothing.py::test_x`, "
-                "`syncbn/kernels.py:12`, `tests/training/test_loop.py::test_gone` and "
+                "`syncbn/moments.py:12`, `tests/training/test_loop.py::test_gone` and "
                 "(`results/none/*.json`). Fine: `tests/test_docs.py::test_links_resolve[x]`.",
                 "[math](math.md#no-such-heading), [gone](missing.md), ![fig](../results/x.png)",
                 "Fine: `syncbn.training.run`, `/tmp/x/y.py`, `conf/task/<name>.yaml`, `R/`, "

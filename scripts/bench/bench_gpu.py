@@ -423,7 +423,8 @@ def main() -> None:
                 "resnet50_step": steps,
                 # syncbn_compiled_steps: did each step run compiled (else: why it fell back)?
                 "steps_compiled": {
-                    fn.__name__: step.failure or True for fn, step in sbkernels._COMPILED.items()
+                    fn.__name__: step.failure or True
+                    for fn, step in sbkernels.aten._COMPILED.items()
                 },
                 "wall_time_s": time.perf_counter() - started,
             }

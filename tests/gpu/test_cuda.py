@@ -88,11 +88,11 @@ def _state(model: nn.Module) -> list[torch.Tensor]:
 def _graphed_training_step(batch: int, variant: str) -> tuple[list[dict], list[str]]:
     """The records of :func:`_graphed_vs_eager` with the kernel set ``variant`` ("triton",
     "aten" or "aten_compiled_steps"), and why any compiled step fell back."""
-    sbkernels._COMPILED.clear()
+    sbkernels.aten._COMPILED.clear()
     kernel_set = "triton" if variant == "triton" else "aten"
     with cuda_standin.path(kernel_set), sbkernels.fused_steps(variant == "aten_compiled_steps"):
         records = _graphed_vs_eager(batch)
-    return records, [step.failure for step in sbkernels._COMPILED.values() if step.failure]
+    return records, [step.failure for step in sbkernels.aten._COMPILED.values() if step.failure]
 
 
 def _graphed_vs_eager(batch: int) -> list[dict]:
@@ -208,7 +208,7 @@ def _steps_compiled() -> dict:
     whether each step ran compiled (one that cannot compile falls back to op by op, saying why
     in ``failure``) and the kernels of an op-by-op step beside it."""
     model, x = _cnn(torch.device("cuda", 0)), torch.randn(4, 3, 6, 6, device="cuda")
-    sbkernels._COMPILED.clear()
+    sbkernels.aten._COMPILED.clear()
     launches = {}
     for compiled in (True, False):
         with cuda_standin.path("aten"), sbkernels.fused_steps(compiled):
@@ -221,7 +221,7 @@ def _steps_compiled() -> dict:
             and not e.name.lower().startswith(("memcpy", "memset"))
             for e in profile.events()
         )
-    steps = {fn.__name__: step.failure or True for fn, step in sbkernels._COMPILED.items()}
+    steps = {fn.__name__: step.failure or True for fn, step in sbkernels.aten._COMPILED.items()}
     return {"steps": steps, "launches": launches}
 
 

@@ -52,7 +52,9 @@ def _run_with_compiled_steps(case: Case) -> dict:
     from torch._dynamo.utils import counters
 
     record = run_sync_bn(case)
-    steps = {fn.__name__: step.compiled is not None for fn, step in sbkernels._COMPILED.items()}
+    steps = {
+        fn.__name__: step.compiled is not None for fn, step in sbkernels.aten._COMPILED.items()
+    }
     assert steps == {
         "pack": True,
         "_global_statistics_on_device": True,
@@ -77,7 +79,7 @@ def _scale_step(monkeypatch, compiled_run):
         return lambda t, factor: compiled_run(fn, t, factor)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(sbkernels, "_COMPILED", {})
+    monkeypatch.setattr(sbkernels.aten, "_COMPILED", {})
 
     def scale(t, factor):
         return t * factor
@@ -223,7 +225,7 @@ def _host_reads(momentum, batch_sizes, path="cuda_branch") -> list[str]:
         if path == "cuda_branch_compiled":
             reads += [
                 f"{fn.__name__} fell back"
-                for fn, step in sbkernels._COMPILED.items()
+                for fn, step in sbkernels.aten._COMPILED.items()
                 if step.compiled is None
             ]
         return reads
