@@ -38,6 +38,8 @@ import triton.language as tl
 # Error codes that _normalize writes into the device error word (code + 4 * signature).
 ERROR_MIXED_LAYERS = 1
 ERROR_ONE_VALUE = 2
+# The activations the normalize kernel can apply (SyncBatchNormAct), by their ACTIVATION code.
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _MIXED_LAYERS = tl.constexpr(ERROR_MIXED_LAYERS)
 _ONE_VALUE = tl.constexpr(ERROR_ONE_VALUE)
 
@@ -77,6 +79,48 @@ def _take_last_ticket(counter_ptr, splits):
     if last:
         tl.atomic_xchg(counter_ptr, 0)
     return last
+
+
+@triton.jit
+def _affine(
+    invstd_ptr, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """Per channel ``(gamma invstd, beta)`` in float32: ``x_hat`` to the layer's output."""
+    scale = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        scale *= tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr, negative_slope):
+    """The fused activation of ``SyncBatchNormAct`` (:data:`ACTIVATIONS`), elementwise."""
+    out = z
+    if ACTIVATION == 1:  # relu
+        out = tl.maximum(z, 0.0)
+    if ACTIVATION == 2:  # leaky_relu
+        out = tl.where(z > 0.0, z, z * negative_slope)
+    if ACTIVATION == 3:  # silu
+        out = z * tl.sigmoid(z)
+    return out
+
+
+@triton.jit
+def _through_activation(dy, z, ACTIVATION: tl.constexpr, negative_slope):
+    """The gradient ``dy`` of the activation's output, taken back to its input ``z`` (as
+    PyTorch's relu, leaky_relu and silu backward compute it; 0 for relu at ``z = 0``)."""
+    out = dy
+    if ACTIVATION == 1:
+        out = tl.where(z > 0.0, dy, 0.0)
+    if ACTIVATION == 2:
+        out = tl.where(z > 0.0, dy, dy * negative_slope)
+    if ACTIVATION == 3:
+        sigmoid = tl.sigmoid(z)
+        out = dy * sigmoid * (1.0 + z * (1.0 - sigmoid))
+    return out
 
 
 @triton.jit
@@ -214,9 +258,11 @@ def _normalize(
     momentum,
     expected_signatures,
     signature,
+    negative_slope,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     MOMENTUM_FROM_COUNT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -300,7 +346,7 @@ def _normalize(
         ok = exists[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + (n * sxN + s * sxS)[:, None] + x_col[None, :], mask=ok, other=0.0)
         centred = (x.to(tl.float32) - mean_high[None, :]) - mean_low[None, :]
-        y = centred * scale[None, :] + shift[None, :]
+        y = _activate(centred * scale[None, :] + shift[None, :], ACTIVATION, negative_slope)
         tl.store(
             y_ptr + (n * syN + s * syS)[:, None] + y_col[None, :],
             y.to(y_ptr.dtype.element_ty),
@@ -315,6 +361,8 @@ def _backward_reduce(
     mean_ptr,
     mean_low_ptr,
     invstd_ptr,
+    weight_ptr,  # weight and bias: read only with an ACTIVATION (to recompute its input)
+    bias_ptr,
     buffer_ptr,  # the forward's reduced buffer: the global count n is at [2C]
     part_dy_ptr,  # (splits, C) float32 partials
     part_dy_xmu_ptr,
@@ -335,8 +383,12 @@ def _backward_reduce(
     tiles_per_image,
     tiles_per_split,
     splits,
+    negative_slope,
     WRITE_WEIGHT: tl.constexpr,
     WRITE_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROWS_SPAN_IMAGES: tl.constexpr,
@@ -345,13 +397,15 @@ def _backward_reduce(
     and ``x``. Grid ``(ceil(C / BLOCK_C), splits)``: float32 sums per program, the last program
     of a channel block adds the partials in split order in float64 and writes the shares of the
     means (both sums over the *global* count, so the all-reduce yields the group's means) and the
-    local weight and bias gradients."""
+    local weight and bias gradients. With an ``ACTIVATION``, ``dy`` is first taken back through
+    it, its input recomputed from ``x`` (nothing but ``x`` is saved)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
     mean_low = tl.load(mean_low_ptr + cols, mask=col_ok, other=0.0)
+    scale, shift = _affine(invstd_ptr, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
     x_col = cols.to(tl.int64) * sxC
     g_col = cols.to(tl.int64) * sgC
 
@@ -365,6 +419,9 @@ def _backward_reduce(
         dy = tl.load(dy_ptr + (n * sgN + s * sgS)[:, None] + g_col[None, :], mask=ok, other=0.0)
         dy = dy.to(tl.float32)
         xmu = tl.where(ok, (x.to(tl.float32) - mean[None, :]) - mean_low[None, :], 0.0)
+        if ACTIVATION != 0:
+            z = xmu * scale[None, :] + shift[None, :]
+            dy = _through_activation(dy, z, ACTIVATION, negative_slope)
         sum_dy += tl.sum(dy, axis=0)
         sum_dy_xmu += tl.sum(dy * xmu, axis=0)
 
@@ -405,6 +462,7 @@ def _grad_input(
     mean_low_ptr,
     invstd_ptr,
     weight_ptr,
+    bias_ptr,  # read only with an ACTIVATION
     means_ptr,  # (2C,) float32, reduced: the group's [mean of dy | mean of dy (x - mean)]
     N,
     C,
@@ -421,14 +479,18 @@ def _grad_input(
     tiles,
     tiles_per_image,
     tiles_per_split,
+    negative_slope,
     HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROWS_SPAN_IMAGES: tl.constexpr,
 ):
     r""":math:`dx = \gamma\,\mathrm{invstd}\,\big(g - \overline{g} - (x - \mu)\,
     \mathrm{invstd}^2\,\overline{g (x - \mu)}\big)`: one read of ``dy`` and ``x``, one write of
-    ``dx``, float32 arithmetic. Grid ``(ceil(C / BLOCK_C), splits)``."""
+    ``dx``, float32 arithmetic. Grid ``(ceil(C / BLOCK_C), splits)``. With an ``ACTIVATION``,
+    :math:`g` is ``dy`` taken back through it (and the means are of that, as reduced)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -438,9 +500,7 @@ def _grad_input(
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
     mean_dy = tl.load(means_ptr + cols, mask=col_ok, other=0.0)
     mean_dy_xmu = tl.load(means_ptr + C + cols, mask=col_ok, other=0.0)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale *= tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale, shift = _affine(invstd_ptr, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
     projection = mean_dy_xmu * invstd * invstd
     x_col = cols.to(tl.int64) * sxC
     g_col = cols.to(tl.int64) * sgC
@@ -452,7 +512,12 @@ def _grad_input(
         x = tl.load(x_ptr + (n * sxN + s * sxS)[:, None] + x_col[None, :], mask=ok, other=0.0)
         dy = tl.load(dy_ptr + (n * sgN + s * sgS)[:, None] + g_col[None, :], mask=ok, other=0.0)
         xmu = (x.to(tl.float32) - mean[None, :]) - mean_low[None, :]
-        dx = (dy.to(tl.float32) - mean_dy[None, :] - xmu * projection[None, :]) * scale[None, :]
+        dy = dy.to(tl.float32)
+        if ACTIVATION != 0:
+            dy = _through_activation(
+                dy, xmu * scale[None, :] + shift[None, :], ACTIVATION, negative_slope
+            )
+        dx = (dy - mean_dy[None, :] - xmu * projection[None, :]) * scale[None, :]
         tl.store(
             dx_ptr + (n * sdN + s * sdS)[:, None] + d_col[None, :],
             dx.to(dx_ptr.dtype.element_ty),

@@ -18,6 +18,9 @@ zero-fill, cast, copy or small per-channel op. Its contracts, at the call:
   untouched and records the layer in a per-device error word, which
   :func:`raise_device_errors` turns into the host path's error, naming the layer (on CPU tensors
   right away; on CUDA at the next call, e.g. where training reads its loss).
+- **An activation** (``("relu" | "leaky_relu" | "silu", negative_slope)``, for
+  :class:`syncbn.SyncBatchNormAct`) is applied in the normalize kernel, and its derivative in the
+  two backward kernels, with its input recomputed from ``x``: no extra pass, nothing more saved.
 - **num_batches_tracked** is advanced by the moments kernel, and ``momentum=None`` reads it in
   the normalize kernel: no host read, no extra launch.
 
@@ -262,6 +265,7 @@ class TritonKernels:
         eps: float,
         expected_signatures: int,
         signature: int,
+        activation: tuple[str, float] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(output, mean, invstd)`` from the reduced buffer (``mean`` is ``(2, C)``: the
         float32 mean and its float32 remainder, which the backward kernels centre with);
@@ -302,9 +306,11 @@ class TritonKernels:
             0.0 if momentum is None else float(momentum),
             expected_signatures,
             signature,
+            _slope(activation),
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
             HAS_RUNNING=tracking,
+            ACTIVATION=_code(activation),
             MOMENTUM_FROM_COUNT=tracking and momentum is None,
             BLOCK_R=p.block_r,
             BLOCK_C=p.block_c,
@@ -324,6 +330,8 @@ class TritonKernels:
         weight: Tensor | None,
         need_weight: bool,
         need_bias: bool,
+        bias: Tensor | None = None,
+        activation: tuple[str, float] | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(shares, grad_weight, grad_bias)``: the ``(2C,)`` float32 :math:`\\frac1n [\\sum g
         | \\sum g (x - \\mu)]` of this rank for the all-reduce, and this rank's parameter
@@ -345,6 +353,8 @@ class TritonKernels:
             mean[0],
             mean[1],
             invstd,
+            weight if weight is not None else invstd,
+            bias if bias is not None else invstd,
             buffer,
             part_dy,
             part_dy_xmu,
@@ -361,8 +371,12 @@ class TritonKernels:
             p.tiles_per_image,
             p.tiles_per_split,
             p.splits,
+            _slope(activation),
             WRITE_WEIGHT=need_weight,
             WRITE_BIAS=need_bias,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            ACTIVATION=_code(activation),
             BLOCK_R=p.block_r,
             BLOCK_C=p.block_c,
             ROWS_SPAN_IMAGES=p.rows_span_images,
@@ -370,7 +384,15 @@ class TritonKernels:
         return shares, grad_weight, grad_bias
 
     def grad_input(
-        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight, means: Tensor
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight,
+        means: Tensor,
+        bias: Tensor | None = None,
+        activation: tuple[str, float] | None = None,
     ) -> Tensor:
         """The input gradient from the group's means (the reduced ``(2C,)`` shares), in ``x``'s
         dtype and layout. One launch; none for an empty input."""
@@ -387,6 +409,7 @@ class TritonKernels:
             mean[1],
             invstd,
             weight if weight is not None else invstd,
+            bias if bias is not None else invstd,
             means,
             geometry.n,
             geometry.c,
@@ -397,12 +420,23 @@ class TritonKernels:
             p.tiles,
             p.tiles_per_image,
             p.tiles_per_split,
+            _slope(activation),
             HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            ACTIVATION=_code(activation),
             BLOCK_R=p.block_r,
             BLOCK_C=p.block_c,
             ROWS_SPAN_IMAGES=p.rows_span_images,
         )
         return grad
+
+
+def _code(activation: tuple[str, float] | None) -> int:
+    return tk.ACTIVATIONS[activation[0] if activation else None]
+
+
+def _slope(activation: tuple[str, float] | None) -> float:
+    return float(activation[1]) if activation else 0.0
 
 
 def interpreted() -> bool:

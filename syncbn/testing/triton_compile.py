@@ -12,10 +12,14 @@ POINTER_TYPES = {
     "counter_ptr": "*i32", "buffer_ptr": "*fp64", "num_batches_ptr": "*i64", "error_ptr": "*i64",
     "x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16",
 }  # fmt: skip
-SCALAR_TYPES = {"eps": "fp32", "momentum": "fp32", "expected_signatures": "i64", "sxN": "i64"}
+SCALAR_TYPES = {
+    "eps": "fp32", "momentum": "fp32", "negative_slope": "fp32", "expected_signatures": "i64",
+    "sxN": "i64",
+}  # fmt: skip
 FLAGS = {
     "HAS_SHIFT": True, "ADVANCE_NUM_BATCHES": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
     "HAS_RUNNING": True, "MOMENTUM_FROM_COUNT": True, "WRITE_WEIGHT": True, "WRITE_BIAS": True,
+    "ACTIVATION": 3,  # silu: the most code of the three
 }  # fmt: skip
 
 
