@@ -60,6 +60,9 @@ class SyncBatchNorm(_BatchNorm):
             too (locally, as in ``nn.SyncBatchNorm``). Default: ``True``
         process_group: the ranks whose batches are normalized together (``None``: all ranks).
             See :func:`syncbn.new_sync_group`. Default: ``None``
+        bias: with ``affine``, a learnable ``bias`` (:math:`\beta`); ``False`` keeps ``weight``
+            only and registers ``bias`` as ``None``, as ``nn.SyncBatchNorm(bias=False)`` does.
+            Default: ``True``
         debug: before each collective, check that every rank of the group is in the same layer
             with the same channel count and dtype, and raise naming each rank's position if not
             (one extra small collective each; :mod:`syncbn.debug`). ``None``: on when the
@@ -94,6 +97,7 @@ class SyncBatchNorm(_BatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         debug: bool | None = None,
         check_finite: bool | None = None,
     ) -> None:
@@ -101,6 +105,8 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        if affine and not bias:  # torch's own bias=False, also where _BatchNorm lacks the keyword
+            self.register_parameter("bias", None)
         self.process_group = process_group
         self.debug = env_flag("SYNCBN_DEBUG") if debug is None else bool(debug)
         self.check_finite = (
