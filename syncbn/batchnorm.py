@@ -8,6 +8,7 @@ from torch.distributed import ProcessGroup
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
+from . import recompute as sbrecompute
 from .debug import env_flag
 from .function import SyncBatchNormFunction, SyncSpec, reads_totals_on_host
 from .kernels import local_moments64, memory_format
@@ -142,11 +143,18 @@ class SyncBatchNorm(_BatchNorm):
         if mask is not None:
             return self._masked_forward(input, mask)
         world_size = self._sync_world_size()
+        # syncbn.recompute: under torch.utils.checkpoint this forward runs again in backward;
+        # that rerun updates no running statistics and (synchronized) reuses the first's.
+        rerun = self.training and sbrecompute.recomputing()
         if not world_size:
+            if rerun:
+                return sbrecompute.local_rerun(self, input)
             output = super().forward(input)
             if self._observe and self.training:
                 self._record(input)
             return output
+        if rerun:
+            return sbrecompute.synchronized_rerun(self, input, self._spec(world_size))
 
         tracking = self.track_running_stats
         output, mean, invstd, count = SyncBatchNormFunction.apply(
@@ -161,6 +169,7 @@ class SyncBatchNorm(_BatchNorm):
         )
         if self._observe:
             self._record(input, mean, invstd, count)
+        sbrecompute.keep(self, input, mean, invstd, count)  # for checkpoint's rerun
         return output
 
     # ------------------------------------------------------------------ telemetry
