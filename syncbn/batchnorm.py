@@ -8,6 +8,7 @@ from torch.distributed import ProcessGroup
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
+from . import precision as sbprecision
 from . import recompute as sbrecompute
 from .debug import env_flag
 from .function import SyncBatchNormFunction, SyncSpec, reads_totals_on_host
@@ -149,7 +150,10 @@ class SyncBatchNorm(_BatchNorm):
         if not world_size:
             if rerun:
                 return sbrecompute.local_rerun(self, input)
-            output = super().forward(input)
+            if sbprecision.mixed_parameters(self):  # FSDP2's bfloat16 parameters, float32 stats
+                output = sbprecision.local_batch_norm(self, input)
+            else:
+                output = super().forward(input)
             if self._observe and self.training:
                 self._record(input)
             return output

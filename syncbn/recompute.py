@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import mixed_parameters
+
 if TYPE_CHECKING:
     from .batchnorm import SyncBatchNorm
     from .function import SyncSpec
@@ -91,8 +93,11 @@ def local_rerun(layer: SyncBatchNorm, input: Tensor) -> Tensor:
     The running statistics still go in, with weight 0 (``running * 1 + batch * 0``: unchanged),
     so that the rerun saves the same tensors for backward as the first forward did, which
     non-reentrant checkpointing checks."""
+    weight, bias = layer.weight, layer.bias
+    if mixed_parameters(layer):  # FSDP2's bfloat16 parameters next to float32 statistics
+        weight, bias = weight.float(), None if bias is None else bias.float()
     return F.batch_norm(
-        input, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, 0.0, layer.eps
+        input, layer.running_mean, layer.running_var, weight, bias, True, 0.0, layer.eps
     )
 
 
