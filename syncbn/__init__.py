@@ -13,6 +13,7 @@ from .convert import (
     revert_sync_batchnorm,
 )
 from .distributed import new_sync_group
+from .freeze import FrozenBatchNorm, freeze_batchnorm
 from .function import SyncBatchNormFunction, sync_batch_norm
 from .norm_act import BatchNormAct, SyncBatchNormAct
 from .precise_bn import precise_bn
@@ -22,10 +23,12 @@ __all__ = [
     "BNTelemetry",
     "BatchNormAct",
     "BatchNormNd",
+    "FrozenBatchNorm",
     "SyncBatchNorm",
     "SyncBatchNormAct",
     "SyncBatchNormFunction",
     "convert_sync_batchnorm",
+    "freeze_batchnorm",
     "new_sync_group",
     "precise_bn",
     "register_converter",
