@@ -67,10 +67,11 @@ def test_timm_batchnorm_act_models_convert_keeping_the_activation():
     from timm.layers import BatchNormAct2d
 
     torch.manual_seed(0)
-    theirs = timm.create_model("efficientnet_b0", pretrained=False)
+    build = {"model_name": "efficientnet_b0", "pretrained": False, "drop_rate": 0.0}
+    theirs = timm.create_model(**build)
     norm_act = _count(theirs, BatchNormAct2d)
     assert norm_act > 0
-    ours = syncbn.convert_sync_batchnorm(timm.create_model("efficientnet_b0", pretrained=False))
+    ours = syncbn.convert_sync_batchnorm(timm.create_model(**build))
     assert _count(ours, syncbn.SyncBatchNormAct) == norm_act
     _same_training_step(ours, theirs)
     reverted = syncbn.revert_sync_batchnorm(ours)
