@@ -13,6 +13,7 @@ from .convert import (
     revert_sync_batchnorm,
 )
 from .distributed import new_sync_group
+from .freeze import FrozenBatchNorm, freeze_batchnorm
 from .function import SyncBatchNormFunction, sync_batch_norm
 from .kernels import raise_device_errors
 from .norm_act import BatchNormAct, SyncBatchNormAct
@@ -23,10 +24,12 @@ __all__ = [
     "BNTelemetry",
     "BatchNormAct",
     "BatchNormNd",
+    "FrozenBatchNorm",
     "SyncBatchNorm",
     "SyncBatchNormAct",
     "SyncBatchNormFunction",
     "convert_sync_batchnorm",
+    "freeze_batchnorm",
     "new_sync_group",
     "precise_bn",
     "raise_device_errors",

@@ -8,6 +8,8 @@ from torch.distributed import ProcessGroup
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as sbdist
+from . import precision as sbprecision
+from . import recompute as sbrecompute
 from .debug import env_flag
 from .function import SyncBatchNormFunction, SyncSpec
 from .kernels import local_moments64, memory_format
@@ -63,6 +65,9 @@ class SyncBatchNorm(_BatchNorm):
             too (locally, as in ``nn.SyncBatchNorm``). Default: ``True``
         process_group: the ranks whose batches are normalized together (``None``: all ranks).
             See :func:`syncbn.new_sync_group`. Default: ``None``
+        bias: with ``affine``, a learnable ``bias`` (:math:`\beta`); ``False`` keeps ``weight``
+            only and registers ``bias`` as ``None``, as ``nn.SyncBatchNorm(bias=False)`` does.
+            Default: ``True``
         debug: before each collective, check that every rank of the group is in the same layer
             with the same channel count and dtype, and raise naming each rank's position if not
             (one extra small collective each; :mod:`syncbn.debug`). ``None``: on when the
@@ -97,6 +102,7 @@ class SyncBatchNorm(_BatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         debug: bool | None = None,
         check_finite: bool | None = None,
     ) -> None:
@@ -104,6 +110,8 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        if affine and not bias:  # torch's own bias=False, also where _BatchNorm lacks the keyword
+            self.register_parameter("bias", None)
         self.process_group = process_group
         self.debug = env_flag("SYNCBN_DEBUG") if debug is None else bool(debug)
         self.check_finite = (
@@ -139,11 +147,21 @@ class SyncBatchNorm(_BatchNorm):
         if mask is not None:
             return self._masked_forward(input, mask)
         world_size = self._sync_world_size()
+        # syncbn.recompute: under torch.utils.checkpoint this forward runs again in backward;
+        # that rerun updates no running statistics and (synchronized) reuses the first's.
+        rerun = self.training and sbrecompute.recomputing()
         if not world_size:
-            output = super().forward(input)
+            if rerun:
+                return sbrecompute.local_rerun(self, input)
+            if sbprecision.mixed_parameters(self):  # FSDP2's bfloat16 parameters, float32 stats
+                output = sbprecision.local_batch_norm(self, input)
+            else:
+                output = super().forward(input)
             if self._observe and self.training:
                 self._record(input)
             return output
+        if rerun:
+            return sbrecompute.synchronized_rerun(self, input, self._spec(world_size))
 
         tracking = self.track_running_stats
         output, mean, invstd, count = SyncBatchNormFunction.apply(
@@ -159,6 +177,7 @@ class SyncBatchNorm(_BatchNorm):
         )
         if self._observe:
             self._record(input, mean, invstd, count)
+        sbrecompute.keep(self, input, mean, invstd, count)  # for checkpoint's rerun
         return output
 
     # ------------------------------------------------------------------ telemetry

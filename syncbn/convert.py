@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,10 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .batchnorm import SyncBatchNorm
+from .distributed import as_process_group
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 from .norm_act import BatchNormAct, SyncBatchNormAct
 
 __all__ = [
@@ -79,7 +84,11 @@ class BatchNormNd(_BatchNorm):
 
 
 def convert_sync_batchnorm(
-    module: nn.Module, process_group: ProcessGroup | None = None, *, strict: bool = True
+    module: nn.Module,
+    process_group: ProcessGroup | DeviceMesh | None = None,
+    *,
+    strict: bool = True,
+    mesh_dim: int | str | None = None,
 ) -> nn.Module:
     """Replace every BatchNorm layer in ``module`` with its synchronized equivalent, recursively.
 
@@ -100,14 +109,20 @@ def convert_sync_batchnorm(
 
     Args:
         module: the model (or layer) to convert, in place where possible.
-        process_group: group to synchronize over (``None``: the world). Default: ``None``
+        process_group: group to synchronize over (``None``: the world), or a ``DeviceMesh``
+            (FSDP2, HSDP, 2-D parallelism) whose dimension ``mesh_dim`` is that group.
+            Default: ``None``
         strict: refuse layers without a converter. ``False`` leaves them unconverted (plain,
             per-rank BatchNorm with their own ``forward``) and warns naming them. Default: ``True``
+        mesh_dim: with a ``DeviceMesh``, the index or name of its data-parallel dimension (not
+            needed for a 1-D mesh). Default: ``None``
 
     Example::
 
         >>> model = convert_sync_batchnorm(model, process_group=new_sync_group(8))
+        >>> model = convert_sync_batchnorm(model, mesh, mesh_dim="dp")  # a ("dp", "tp") mesh
     """
+    process_group = as_process_group(process_group, mesh_dim)  # a DeviceMesh's dimension
     converted = _replace(
         module,
         candidate=lambda m: isinstance(m, _BatchNorm) and not isinstance(m, SyncBatchNorm),

@@ -12,6 +12,7 @@ from torch.distributed import ProcessGroup
 
 __all__ = [
     "all_reduce_sum",
+    "as_process_group",
     "get_rank",
     "get_world_size",
     "group_ranks",
@@ -94,6 +95,29 @@ def new_sync_group(group_size: int) -> ProcessGroup | None:
         if rank in ranks:
             mine = group
     return mine
+
+
+def as_process_group(group, mesh_dim: int | str | None = None) -> ProcessGroup | None:
+    """``group`` itself, or for a ``DeviceMesh`` the process group of its dimension ``mesh_dim``.
+
+    With FSDP2's HSDP or a 2-D (data, tensor) parallel mesh, BatchNorm synchronizes over the
+    data-parallel dimension: pass its index or name. A 1-D mesh needs none.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(group, DeviceMesh):
+        if mesh_dim is not None:
+            raise ValueError(
+                f"syncbn expected mesh_dim only with a DeviceMesh as the group (got mesh_dim="
+                f"{mesh_dim!r} with {type(group).__name__}); pass the mesh itself"
+            )
+        return group
+    if mesh_dim is None and group.ndim > 1:
+        raise ValueError(
+            f"syncbn expected mesh_dim, the data-parallel dimension, for a {group.ndim}-D "
+            f"DeviceMesh (got None); pass one of {group.mesh_dim_names or tuple(range(group.ndim))}"
+        )
+    return group.get_group(mesh_dim if mesh_dim is not None else 0)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:

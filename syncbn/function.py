@@ -82,6 +82,8 @@ class SyncSpec:
         debug: check before each collective that every rank is at the same layer
             (:mod:`syncbn.debug`; one extra collective).
         check_finite: raise naming the layer on NaN/Inf global statistics (a host sync).
+        replay: ``(mean, invstd, count)`` of an earlier forward to normalize with instead of
+            reducing (:mod:`syncbn.recompute`: gradient checkpointing's rerun); ``None``: reduce.
     """
 
     group: ProcessGroup | None
@@ -90,6 +92,7 @@ class SyncSpec:
     signature: int
     debug: bool = False
     check_finite: bool = False
+    replay: tuple[Tensor, Tensor, Tensor] | None = None  # syncbn.recompute
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -117,6 +120,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         spec: SyncSpec,
         num_batches_tracked: Tensor | None = None,
     ):
+        if spec.replay is not None:  # syncbn.recompute: checkpoint's rerun, no collective
+            return _replay_forward(ctx, input, weight, bias, eps, spec)
         with _autocast_off(input.device.type):
             kernels = sbkernels.kernels_for(input)
             if getattr(kernels, "owns_per_channel_steps", False):
@@ -241,6 +246,32 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = _as(grad_weight, weight) if need_weight else None
             grad_bias = _as(grad_bias, weight) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _replay_forward(ctx, input, weight, bias, eps: float, spec: SyncSpec):
+    """:meth:`SyncBatchNormFunction.forward` with the global statistics of an earlier forward
+    (``spec.replay``, :mod:`syncbn.recompute`): no reduction, no running-statistics update; the
+    saved tensors are the forward's, so the backward (and its all-reduce) is the same."""
+    mean, invstd, total = spec.replay
+    with _autocast_off(input.device.type):
+        kernels = sbkernels.kernels_for(input)
+        x = _dense(input) if kernels is not sbkernels.PORTABLE else input
+        if x.numel() > 0:
+            output = kernels.normalize(x, weight, bias, mean, invstd, eps)
+        else:
+            output = _empty_result(x, invstd)
+    ctx.set_materialize_grads(False)
+    ctx.kernels = kernels
+    ctx.spec = spec
+    if reads_totals_on_host(x):
+        ctx.count = float(total)
+        ctx.save_for_backward(x, weight, mean, invstd)
+    else:
+        ctx.count = None
+        ctx.save_for_backward(x, weight, mean, invstd, total.view(1))
+    mean, invstd, total = mean.clone(), invstd.clone(), total.clone()
+    ctx.mark_non_differentiable(mean, invstd, total)
+    return output, mean, invstd, total
 
 
 def sync_batch_norm(

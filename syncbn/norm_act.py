@@ -42,7 +42,7 @@ class SyncBatchNormAct(SyncBatchNorm):
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
-        debug, check_finite: as for :class:`syncbn.SyncBatchNorm`.
+        bias, debug, check_finite: as for :class:`syncbn.SyncBatchNorm`.
         drop: module applied to the normalized output first (e.g. ``nn.Dropout``); ``None`` for
             ``nn.Identity()``. Default: ``None``
         act: activation module applied last (e.g. ``nn.ReLU(inplace=True)``); ``None`` for
@@ -71,6 +71,7 @@ class SyncBatchNormAct(SyncBatchNorm):
         *,
         drop: nn.Module | None = None,
         act: nn.Module | None = None,
+        bias: bool = True,
         debug: bool | None = None,
         check_finite: bool | None = None,
     ) -> None:
@@ -83,6 +84,7 @@ class SyncBatchNormAct(SyncBatchNorm):
             process_group,
             device,
             dtype,
+            bias=bias,
             debug=debug,
             check_finite=check_finite,
         )
@@ -106,7 +108,7 @@ class BatchNormAct(_BatchNorm):
     computes what timm's ``BatchNormAct2d`` computes and has the same ``state_dict`` keys.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype: as for
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as for
             ``nn.BatchNorm2d``.
         drop: module applied to the normalized output first; ``None`` for ``nn.Identity()``.
             Default: ``None``
@@ -125,10 +127,13 @@ class BatchNormAct(_BatchNorm):
         *,
         drop: nn.Module | None = None,
         act: nn.Module | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        if affine and not bias:  # as nn.BatchNorm2d(bias=False)
+            self.register_parameter("bias", None)
         self.drop = _module_or_identity(self, "drop", drop)
         self.act = _module_or_identity(self, "act", act)
 
