@@ -293,6 +293,10 @@ class SyncBatchNorm(_BatchNorm):
             f"call module.to({input.dtype})"
         )
 
+    # (name, negative_slope) of an activation the kernels apply after the affine map, set by
+    # SyncBatchNormAct for the duration of a forward it fuses (syncbn.norm_act).
+    _fused_activation: tuple[str, float] | None = None
+
     def _spec(self, world_size: int) -> SyncSpec:
         """This forward's :class:`SyncSpec`; the signature is recomputed only on a rename."""
         if self._named != self.layer_name:
@@ -305,6 +309,7 @@ class SyncBatchNorm(_BatchNorm):
             self._signature,
             self.debug,
             self.check_finite,
+            activation=self._fused_activation,
         )
 
 

@@ -84,6 +84,9 @@ class SyncSpec:
         check_finite: raise naming the layer on NaN/Inf global statistics (a host sync).
         replay: ``(mean, invstd, count)`` of an earlier forward to normalize with instead of
             reducing (:mod:`syncbn.recompute`: gradient checkpointing's rerun); ``None``: reduce.
+        activation: ``(name, negative_slope)`` of an activation to apply after the affine map
+            (``relu``, ``leaky_relu``, ``silu``), in the kernels; only for a kernel set that
+            :func:`fuses_activation` (:class:`syncbn.SyncBatchNormAct` asks first).
     """
 
     group: ProcessGroup | None
@@ -93,6 +96,7 @@ class SyncSpec:
     debug: bool = False
     check_finite: bool = False
     replay: tuple[Tensor, Tensor, Tensor] | None = None  # syncbn.recompute
+    activation: tuple[str, float] | None = None
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -255,6 +259,8 @@ def _replay_forward(ctx, input, weight, bias, eps: float, spec: SyncSpec):
     mean, invstd, total = spec.replay
     with _autocast_off(input.device.type):
         kernels = sbkernels.kernels_for(input)
+        if getattr(kernels, "owns_per_channel_steps", False):
+            return _replay_in_kernels(ctx, kernels, input, weight, bias, eps, spec)
         x = _dense(input) if kernels is not sbkernels.PORTABLE else input
         if x.numel() > 0:
             output = kernels.normalize(x, weight, bias, mean, invstd, eps)
@@ -272,6 +278,30 @@ def _replay_forward(ctx, input, weight, bias, eps: float, spec: SyncSpec):
     mean, invstd, total = mean.clone(), invstd.clone(), total.clone()
     ctx.mark_non_differentiable(mean, invstd, total)
     return output, mean, invstd, total
+
+
+def _replay_in_kernels(ctx, kernels, x, weight, bias, eps: float, spec: SyncSpec):
+    """:func:`_replay_forward` with a kernel set that owns the per-channel steps: its normalize
+    kernel reads a buffer made from the earlier statistics (and updates nothing)."""
+    mean, invstd, total = spec.replay
+    expected = spec.world_size * spec.signature
+    buffer, shift = kernels.replay_buffer(mean, invstd, total, eps, expected)
+    output, saved_mean, saved_invstd = kernels.normalize_with_global_statistics(
+        x, buffer, shift, weight, bias, None, None, None, None, eps, expected, spec.signature,
+        spec.activation,
+    )  # fmt: skip
+    ctx.set_materialize_grads(False)
+    ctx.kernels, ctx.spec = kernels, spec
+    ctx.save_for_backward(x, weight, bias, saved_mean, saved_invstd, buffer)
+    mean, invstd, total = mean.clone(), invstd.clone(), total.clone()
+    ctx.mark_non_differentiable(mean, invstd, total)
+    return output, mean, invstd, total
+
+
+def fuses_activation(input: Tensor) -> bool:
+    """Whether the synchronized forward of ``input`` can apply an activation in its kernels
+    (the Triton set: :attr:`SyncSpec.activation`); else the caller applies it."""
+    return getattr(sbkernels.kernels_for(input), "owns_per_channel_steps", False)
 
 
 def sync_batch_norm(
@@ -373,14 +403,14 @@ def _forward_in_kernels(
         sbdebug.check_finite_statistics(spec.layer_name, p, q, x)
     output, mean, invstd = kernels.normalize_with_global_statistics(
         x, buffer, shift, weight, bias, running_mean, running_var, batches, momentum, eps,
-        spec.world_size * spec.signature, spec.signature,
+        spec.world_size * spec.signature, spec.signature, spec.activation,
     )  # fmt: skip
     if not x.is_cuda:  # a host read is free: fail here, as the CPU path does
         sbkernels.raise_device_errors(x.device)
     ctx.set_materialize_grads(False)
     ctx.kernels = kernels
     ctx.spec = spec
-    ctx.save_for_backward(x, weight, mean, invstd, buffer)
+    ctx.save_for_backward(x, weight, bias, mean, invstd, buffer)
     total = buffer[2 * channels]
     mean = mean[0]  # (2, C): the float32 mean and its remainder, kept for backward
     ctx.mark_non_differentiable(mean, invstd, total)
@@ -390,7 +420,7 @@ def _forward_in_kernels(
 def _backward_in_kernels(ctx, grad_output):
     """The backward with such a set: local sums -> all-reduce of the shares -> input gradient;
     the parameter gradients are this rank's sums (DDP averages them)."""
-    x, weight, mean, invstd, buffer = ctx.saved_tensors
+    x, weight, bias, mean, invstd, buffer = ctx.saved_tensors  # bias: for an activation's input
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     kernels, spec = ctx.kernels, ctx.spec
     dy = grad_output if grad_output is not None else torch.zeros_like(x)
@@ -399,14 +429,19 @@ def _backward_in_kernels(ctx, grad_output):
             dy = _dense(dy, like=x)
         shares, grad_weight, grad_bias = kernels.backward_shares(
             dy, x, mean, invstd, buffer, weight,
-            need_weight and weight is not None, need_bias and weight is not None,
+            need_weight and weight is not None, need_bias and bias is not None,
+            bias, spec.activation,
         )  # fmt: skip
         if spec.debug and not torch.compiler.is_compiling():
             sbdebug.check_same_call(
                 spec.layer_name, x.shape[1], shares.dtype, "backward", spec.group, x.device
             )
         means = _reduce(shares, spec.group, spec.layer_name, "backward")
-        grad_input = kernels.grad_input(dy, x, mean, invstd, weight, means) if need_input else None
+        grad_input = None
+        if need_input:
+            grad_input = kernels.grad_input(
+                dy, x, mean, invstd, weight, means, bias, spec.activation
+            )
     return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 

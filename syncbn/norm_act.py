@@ -23,6 +23,16 @@ from torch.distributed import ProcessGroup
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import SyncBatchNorm
+from .function import fuses_activation
+
+# The activations the Triton kernels apply themselves (exact types: a subclass may differ).
+_FUSABLE = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
+
+
+def _inactive(drop: nn.Module) -> bool:
+    """Whether ``drop`` returns its input unchanged (identity, or dropout with ``p=0``)."""
+    return type(drop) is nn.Identity or (type(drop) is nn.Dropout and drop.p == 0)
+
 
 __all__ = ["BatchNormAct", "SyncBatchNormAct"]
 
@@ -92,8 +102,33 @@ class SyncBatchNormAct(SyncBatchNorm):
         self.act = _module_or_identity(self, "act", act)
 
     def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input`` of shape :math:`(N, C, *)` as SyncBatchNorm does, then drop, act."""
-        return self.act(self.drop(super().forward(input)))
+        """Normalize ``input`` of shape :math:`(N, C, *)` as SyncBatchNorm does, then drop, act.
+
+        A synchronized training forward whose ``act`` is ``nn.ReLU``, ``nn.LeakyReLU`` or
+        ``nn.SiLU`` and whose ``drop`` does nothing (``nn.Identity``, or dropout with ``p=0``)
+        applies the activation inside the kernels where the kernel set can (the Triton set):
+        the same values, without an extra pass over the activation or a saved output.
+        """
+        activation = self._activation_to_fuse(input)
+        if activation is None:
+            return self.act(self.drop(super().forward(input)))
+        self._fused_activation = activation
+        try:
+            return super().forward(input)
+        finally:
+            self._fused_activation = None
+
+    def _activation_to_fuse(self, input: Tensor) -> tuple[str, float] | None:
+        """``(name, negative_slope)`` of ``act`` when this forward can apply it in its kernels."""
+        activation = _FUSABLE.get(type(self.act))
+        if activation is None or not self.training or not _inactive(self.drop):
+            return None
+        if not isinstance(input, Tensor) or not self._sync_world_size():
+            return None
+        if not fuses_activation(input):
+            return None
+        slope = float(self.act.negative_slope) if activation == "leaky_relu" else 0.0
+        return activation, slope
 
 
 class BatchNormAct(_BatchNorm):

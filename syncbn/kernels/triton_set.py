@@ -318,6 +318,19 @@ class TritonKernels:
         )
         return output, mean, invstd
 
+    @staticmethod
+    def replay_buffer(
+        mean: Tensor, invstd: Tensor, count: Tensor, eps: float, expected_signatures: int
+    ) -> tuple[Tensor, Tensor]:
+        r"""A reduced buffer and shift that :meth:`normalize_with_global_statistics` turns back
+        into ``mean`` and ``invstd`` (gradient checkpointing's rerun: :mod:`syncbn.recompute`):
+        :math:`[n \sigma^2 | 0 | n | W s]` around the shift :math:`\mu`."""
+        var = invstd.double().pow(-2).sub_(eps).clamp_min_(0)  # (C,)
+        n = count.double().reshape(1)
+        signatures = torch.full_like(n, float(expected_signatures))
+        buffer = torch.cat([var * n, torch.zeros_like(var), n, signatures])
+        return buffer, mean.double()
+
     # ----------------------------------------------------------------------------- backward
 
     def backward_shares(

@@ -18,15 +18,16 @@ from torch.testing import assert_close
 from torch.utils.checkpoint import checkpoint
 
 import syncbn
+from syncbn.testing import cuda_standin
 
 STEPS = 3
 C = 4
 
 
-def _model() -> nn.Module:
+def _model(dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)
     layers = [nn.Conv1d(3, C, 1), syncbn.SyncBatchNorm(C), nn.ReLU(), nn.Conv1d(C, 2, 1)]
-    return nn.Sequential(*layers).double()
+    return nn.Sequential(*layers).to(dtype)
 
 
 def _batches(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +43,8 @@ def _train(model: nn.Module, use_reentrant: bool | None, sizes: list[int]) -> li
     records = []
     for step in range(STEPS):
         x, dy = _batches(dist.get_rank(), step)
-        x.requires_grad_()
+        dtype = next(model.parameters()).dtype
+        x, dy = x.to(dtype).requires_grad_(), dy.to(dtype)
         before = len(sizes)
         if use_reentrant is None:
             y = model(x)
@@ -76,14 +78,17 @@ def _count_reductions(sizes: list[int]):
     return real, counted
 
 
-def _checked_and_unchecked(use_reentrant_by_rank: list[bool | None]) -> dict:
+def _checked_and_unchecked(use_reentrant_by_rank: list[bool | None], kernels="cpu") -> dict:
+    """``kernels="triton"``: float32 through the Triton kernels (interpreted), else float64."""
     use_reentrant = use_reentrant_by_rank[dist.get_rank()]
+    dtype = torch.float32 if kernels == "triton" else torch.float64
     sizes: list[int] = []
     real, counted = _count_reductions(sizes)
     dist.all_reduce = counted
     try:
-        checked = _train(_model(), use_reentrant, sizes)
-        plain = _train(_model(), None, sizes)
+        with cuda_standin.path(kernels):
+            checked = _train(_model(dtype), use_reentrant, sizes)
+            plain = _train(_model(dtype), None, sizes)
     finally:
         dist.all_reduce = real
     return {"checked": checked, "plain": plain}
@@ -106,6 +111,15 @@ def _assert_same_training(results: list[dict]) -> None:
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_checkpointed_layer_equals_the_unchecked_one_and_reduces_once(run_ranks, use_reentrant):
     _assert_same_training(run_ranks(_checked_and_unchecked, 2, [use_reentrant, use_reentrant]))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointing_with_the_triton_kernels(run_ranks, use_reentrant):
+    """The rerun normalizes through the Triton normalize kernel with the first forward's
+    statistics (a buffer made from them), and the backward is the kernels' own."""
+    pytest.importorskip("triton")
+    results = run_ranks(_checked_and_unchecked, 2, [use_reentrant, None], "triton")
+    _assert_same_training(results)
 
 
 def test_only_one_rank_checkpoints(run_ranks):

@@ -269,3 +269,73 @@ def test_every_kernel_compiles_for_a_gpu_without_one():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled") == 8, done.stdout
+
+
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "silu": lambda: nn.SiLU(),
+}
+
+
+def _fused_activation_step(name: str, dtype: torch.dtype, channels_last: bool) -> dict:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64).to(dtype)
+    g = torch.randn(6, 4, 5, 5, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    mine = x[3 * rank : 3 * rank + 3].clone().requires_grad_()
+    with cuda_standin.path("triton"):
+        layer = syncbn.SyncBatchNormAct(4, act=ACTIVATIONS[name]())
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
+            layer.bias.copy_(torch.linspace(-0.3, 0.3, 4))
+        calls = []
+        layer.act.register_forward_hook(lambda *args: calls.append(1))
+        y = layer(mine)
+        y.backward(g[3 * rank : 3 * rank + 3])
+    return {
+        "y": y.detach(), "dx": mine.grad, "dw": layer.weight.grad, "db": layer.bias.grad,
+        "running": (layer.running_mean, layer.running_var), "act_calls": len(calls),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, dtype, channels_last",
+    [
+        ("relu", torch.float32, False),
+        ("leaky_relu", torch.float32, True),
+        ("silu", torch.float32, False),
+        ("silu", torch.bfloat16, True),
+    ],
+)
+def test_fused_activation_matches_batchnorm_then_the_activation(
+    run_ranks, name, dtype, channels_last
+):
+    """SyncBatchNormAct with ReLU, LeakyReLU or SiLU applies the activation in the kernels (its
+    module never runs) and equals nn.BatchNorm2d then the activation on the global batch, in
+    float64: outputs, input gradients, parameter gradients (summed over ranks), running stats."""
+    ranks = run_ranks(_fused_activation_step, 2, name, dtype, channels_last)
+    assert [r["act_calls"] for r in ranks] == [0, 0]
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64).to(dtype).double().requires_grad_()
+    g = torch.randn(6, 4, 5, 5, dtype=torch.float64).to(dtype).double()
+    bn = nn.BatchNorm2d(4, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 4))
+        bn.bias.copy_(torch.linspace(-0.3, 0.3, 4))
+    act = {"relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.1), "silu": nn.SiLU()}[name]
+    y = act(bn(x))
+    y.backward(g)
+    output_tol = (
+        {"rtol": 2e-2, "atol": 3e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    )
+    assert_close(torch.cat([r["y"] for r in ranks]).double(), y.detach(), **output_tol)
+    assert_close(torch.cat([r["dx"] for r in ranks]).double(), x.grad, **output_tol)
+    for key, reference in (("dw", bn.weight.grad), ("db", bn.bias.grad)):
+        total = sum(r[key].double() for r in ranks)
+        assert_close(total, reference, rtol=1e-5, atol=1e-4)  # float32 sums of 150 terms
+    for r in ranks:
+        assert_close(r["running"][0].double(), bn.running_mean, rtol=1e-6, atol=1e-6)
+        assert_close(r["running"][1].double(), bn.running_var, rtol=1e-6, atol=1e-6)
