@@ -72,9 +72,12 @@ def _split_range(split, tiles, tiles_per_split):
 @triton.jit
 def _take_last_ticket(counter_ptr, splits):
     """Whether this program is the last of its channel block to finish (then the counter is
-    reset). The atomic orders this program's partial-result stores before its ticket, and the
-    last program's loads after every ticket (acquire-release)."""
-    ticket = tl.atomic_add(counter_ptr, 1)
+    reset). The barrier completes every thread's partial-result stores before the ticket is
+    taken; the atomic (acquire-release, GPU scope) orders them before the tickets of later
+    programs, and the last program's loads after every ticket."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
     last = ticket == splits - 1
     if last:
         tl.atomic_xchg(counter_ptr, 0)
