@@ -32,15 +32,18 @@ from tqdm import tqdm
 
 from ..precise_bn import precise_bn
 from ..telemetry import BNTelemetry
-from . import checkpoint, data, exit_codes, optim, progress, resume_policy, tasks
-from .checkpoint_manager import CheckpointManager
-from .config_checks import ConfigError, validate
-from .env import DistEnv, setup, teardown
+from . import data, optim, tasks
+from .config import validate
+from .errors import ConfigError
+from .lifecycle import exit_codes
+from .lifecycle.env import DistEnv, setup, teardown
+from .lifecycle.orphan import under_torchrun, watch_parent
+from .lifecycle.preemption import StopRequest
 from .models import build_model, count_norm_layers
 from .nonfinite import SkipGuard
-from .orphan import under_torchrun, watch_parent
-from .preemption import StopRequest
-from .progress import RunState
+from .state import checkpoint, progress, resume_policy
+from .state.manager import CheckpointManager
+from .state.progress import RunState
 from .steplog import StepLog, StepRecord
 from .wandb_logger import WandbLogger
 
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    exit_code: int  # syncbn.training.exit_codes
+    exit_code: int  # syncbn.training.lifecycle.exit_codes
     metrics: dict = field(default_factory=dict)  # what rank 0 wrote to metrics.json
     objective: float | None = None  # the task's primary validation metric (Hydra sweepers)
 

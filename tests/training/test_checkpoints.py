@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from syncbn.training import checkpoint, loop
-from syncbn.training.checkpoint_manager import BEST, CheckpointManager
-from syncbn.training.env import DistEnv
-from syncbn.training.progress import RunState
+from syncbn.training import loop
+from syncbn.training.lifecycle.env import DistEnv
+from syncbn.training.state import checkpoint
+from syncbn.training.state.manager import BEST, CheckpointManager
+from syncbn.training.state.progress import RunState
 from tests.support.launch import env, wait_for
 
 
@@ -72,7 +73,7 @@ CONCURRENT_WRITER = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from syncbn.training import checkpoint
+    from syncbn.training.state import checkpoint
     state = {"model": {"w": torch.zeros(2_000_000)}, "optimizer": {}, "epoch": 0, "step": 1}
     for _ in range(int(sys.argv[2])):
         checkpoint.write_atomic(state, Path(sys.argv[1]) / "last.pt")

@@ -1,5 +1,5 @@
 """Configuration: the real conf/ composes under its schema, and every bad value fails before any
-work with one message naming the key (Hydra for types and choices, config_checks for ranges)."""
+work with one message naming the key (Hydra for types and choices, config.checks for ranges)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from syncbn.training.config_checks import ConfigError, validate
+from syncbn.training.config import validate
+from syncbn.training.errors import ConfigError
 from tests.support.config import compose_config, composition_error
 from tests.support.launch import ROOT, command, env
 

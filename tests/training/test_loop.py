@@ -16,9 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import syncbn.function
-from syncbn.training import checkpoint, data, loop
-from syncbn.training.env import DistEnv
+from syncbn.training import data, loop
+from syncbn.training.lifecycle.env import DistEnv
 from syncbn.training.models import build_model
+from syncbn.training.state import checkpoint
 from syncbn.training.steplog import StepLog
 from tests.support.config import compose_config
 

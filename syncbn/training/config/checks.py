@@ -1,7 +1,7 @@
 """Reject bad configuration before any work starts, naming each bad key and the fix.
 
-Types and choices are Hydra's job (:mod:`syncbn.training.schema`): ``optim.lr=abc`` never gets
-here. This module checks what types cannot say: ranges (``optim.lr`` finite and > 0,
+Types and choices are Hydra's job (:mod:`syncbn.training.config.schema`): ``optim.lr=abc`` never
+gets here. This module checks what types cannot say: ranges (``optim.lr`` finite and > 0,
 ``data.val_fraction`` in (0, 1)), and facts about this machine and launch (``dist.backend=nccl``
 needs CUDA, ``norm.group_size`` must divide the world size). Every failed check is collected, so a
 config with three bad values fails once, with one message listing all three.
@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..distributed import divisors
-from .env import world_size_from_env
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; train.py prints the message (no traceback) and exits 78."""
+from ...distributed import divisors
+from ..errors import ConfigError
+from ..lifecycle.env import world_size_from_env
+from ..tasks import TASKS
 
 
 def validate(cfg, world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -154,8 +152,6 @@ def _model(m) -> Iterator[str]:
 
 
 def _task(cfg) -> Iterator[str]:
-    from .tasks import TASKS  # the tasks import this module
-
     task = TASKS.get(str(cfg.task.name))
     data = str(cfg.data.name)
     if task is not None and data not in task.datasets:

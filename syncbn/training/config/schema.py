@@ -5,12 +5,12 @@ Each config group in ``conf/`` (``data``, ``norm``, ``optim``, ``trainer``, ``lo
 one per dataset), and every yaml file of the group lists it first in its defaults list. ``task``
 files are global packages (they also choose the task's default data and model), typed through
 :class:`Config`. ``model`` has no schema: its keys are the arguments of whatever class
-``model._target_`` names (``+model.ARG=value``); :mod:`syncbn.training.config_checks` and the
+``model._target_`` names (``+model.ARG=value``); :mod:`syncbn.training.config.checks` and the
 model itself check them. The yaml
 files hold the values (and a comment on every key); these classes hold the types: Hydra rejects
 ``optim.lr=abc``, ``trainer.compile=no_thanks`` or ``dist.backend=mpi`` while composing, naming
 the key, before train.py runs a line. Ranges (``optim.lr > 0``, ...) are checked by
-:mod:`syncbn.training.config_checks`, before any work.
+:mod:`syncbn.training.config.checks`, before any work.
 
 Every field is ``MISSING`` by default: the yaml file must set it, so the values live in one place.
 """

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .data import steps_in_epoch
+from ..data import steps_in_epoch
 
 
 @dataclass
