@@ -1,6 +1,8 @@
 """The training half of syncbn: what ``train.py`` runs (``syncbn.training.run(cfg)``)."""
 
 from .errors import ConfigError
-from .loop import RunResult, evaluate, run
+from .evaluate import evaluate
+from .loop import run
+from .report import RunResult
 
 __all__ = ["ConfigError", "RunResult", "evaluate", "run"]

@@ -164,15 +164,14 @@ def test_manager_keeps_the_best_checkpoint_by_metric(tmp_path, metric, values, b
 def test_a_model_with_nan_is_never_written_over_a_good_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
     manager = CheckpointManager(tmp_path, keep_last=3, best_metric=None, writer=True)
-    run = SimpleNamespace(
+    parts = SimpleNamespace(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        scaler=torch.amp.GradScaler("cuda", enabled=False),
         env=DistEnv(0, 0, 1, torch.device("cpu"), None),
         ckpts=manager,
         config={},
-        state=RunState(reference_global_batch=8, step=10),
     )
+    run = SimpleNamespace(parts=parts, state=RunState(reference_global_batch=8, step=10))
     assert loop._checkpoint(run)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
