@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ...distributed import divisors
 from ..errors import ConfigError
 from ..lifecycle.env import world_size_from_env
 from ..tasks import TASKS
+from .schema import POSITIVE, POSITIVE_OR_NULL, LoaderConfig, TrainerConfig
 
 
 def validate(cfg, world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -58,20 +60,12 @@ def _trainer(t) -> Iterator[str]:
             f"trainer.max_steps expected > 0 or null (got {t.max_steps}); null trains "
             f"trainer.epochs={t.epochs} epochs"
         )
-    for key in ("batch_size", "eval_batch_size", "eval_every", "ckpt_every", "sync_every",
-                "log_every", "keep_last", "accumulate"):  # fmt: skip
-        if not _positive_int(t[key]):
-            yield f"trainer.{key} expected > 0 (got {t[key]})"
+    yield from _ranged("trainer", TrainerConfig, t)
     if _positive_int(t.batch_size) and _positive_int(t.accumulate) and t.batch_size % t.accumulate:
         yield (
             f"trainer.accumulate expected a divisor of trainer.batch_size={t.batch_size} (got "
             f"{t.accumulate}): each rank's batch is split into that many equal micro-batches"
         )
-    if not _positive_int(t.max_consecutive_skips):
-        yield f"trainer.max_consecutive_skips expected > 0 (got {t.max_consecutive_skips})"
-    for key in ("eval_every_steps", "ckpt_every_steps", "precise_bn_batches", "bn_telemetry_every"):
-        if t[key] is not None and not _positive_int(t[key]):
-            yield f"trainer.{key} expected > 0 or null (got {t[key]}); null turns it off"
     if t.grad_clip is not None and not _positive_finite(t.grad_clip):
         yield (
             f"trainer.grad_clip expected a finite max norm > 0 or null (got {t.grad_clip}); "
@@ -172,8 +166,7 @@ def _task(cfg) -> Iterator[str]:
 def _loader(loader) -> Iterator[str]:
     if not (isinstance(loader.workers, int) and loader.workers >= 0):
         yield f"loader.workers expected >= 0 (got {loader.workers}); 0 loads in the main process"
-    if not _positive_int(loader.prefetch_factor):
-        yield f"loader.prefetch_factor expected > 0 (got {loader.prefetch_factor})"
+    yield from _ranged("loader", LoaderConfig, loader)
 
 
 def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
@@ -213,6 +206,16 @@ def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
             f"norm.group_size expected a divisor of the world size {world_size} (got {group_size});"
             f" choose one of {divisors(world_size)} or null"
         )
+
+
+def _ranged(group: str, schema, node) -> Iterator[str]:
+    """The keys whose range the schema states (:func:`~.schema.key`), checked from it alone."""
+    for f in fields(schema):
+        bound, value = f.metadata.get("range"), node[f.name]
+        if bound == POSITIVE and not _positive_int(value):
+            yield f"{group}.{f.name} expected > 0 (got {value})"
+        elif bound == POSITIVE_OR_NULL and value is not None and not _positive_int(value):
+            yield f"{group}.{f.name} expected > 0 or null (got {value}); null turns it off"
 
 
 def _increasing_pair(value) -> bool:
