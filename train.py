@@ -19,7 +19,7 @@ Several machines (run on each node, same --rdzv-id)::
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \
         --rdzv-endpoint=HOST:29500 --rdzv-id=JOB train.py hydra.run.dir=runs/JOB
 
-Exit codes (``syncbn/training/exit_codes.py``): 0 finished, 1 crashed, 65 stopped on a
+Exit codes (``syncbn/training/lifecycle/exit_codes.py``): 0 finished, 1 crashed, 65 stopped on a
 non-finite loss, 75 preempted (checkpoint written: relaunch to resume), 78 bad configuration.
 """
 
@@ -33,8 +33,9 @@ import hydra
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from syncbn.training import exit_codes, run, schema
-from syncbn.training.config_checks import ConfigError
+from syncbn.training import ConfigError, run
+from syncbn.training.config import schema
+from syncbn.training.lifecycle import exit_codes
 
 schema.register()  # the types of conf/'s groups, before Hydra composes them
 _started = False  # whether Hydra composed the config and called main

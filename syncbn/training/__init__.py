@@ -1,5 +1,8 @@
 """The training half of syncbn: what ``train.py`` runs (``syncbn.training.run(cfg)``)."""
 
-from .loop import RunResult, evaluate, run
+from .errors import ConfigError
+from .evaluate import evaluate
+from .loop import run
+from .report import RunResult
 
-__all__ = ["RunResult", "evaluate", "run"]
+__all__ = ["ConfigError", "RunResult", "evaluate", "run"]

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
-from syncbn.training import checkpoint
-from syncbn.training.env import attempt_store
+from syncbn.training.lifecycle.env import attempt_store
+from syncbn.training.state import checkpoint
 from tests.support.launch import QUIET, ROOT, Launch, pausing_env, reference_run, status, wait_for
 from tests.support.launch import env as _env
 
@@ -261,7 +261,7 @@ PAUSE_UNTIL_A_STOP_SIGNAL = textwrap.dedent(
         import threading
         from pathlib import Path
         import syncbn.training.loop as loop
-        import syncbn.training.preemption as preemption
+        import syncbn.training.lifecycle.preemption as preemption
 
         signalled, saves = threading.Event(), []
         handle, save = preemption.StopRequest._handle, loop._checkpoint

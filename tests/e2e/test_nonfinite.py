@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from syncbn.training import checkpoint
+from syncbn.training.state import checkpoint
 from tests.support.launch import ROOT, Launch, command, env, status
 
 pytestmark = pytest.mark.slow

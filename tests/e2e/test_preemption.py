@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from syncbn.training import checkpoint
+from syncbn.training.state import checkpoint
 from tests.support.launch import Launch, alive, children, command, reference_run, status, wait_for
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from syncbn.training import checkpoint, data
-from syncbn.training.config_checks import ConfigError
+from syncbn.training import data
+from syncbn.training.errors import ConfigError
+from syncbn.training.state import checkpoint
 from tests.support.config import compose_config
 from tests.support.images import write_image_folder
 from tests.support.launch import QUIET, ROOT, Launch, command, env, pausing_env, train, wait_for

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from syncbn.training import schema
+from syncbn.training.config import schema
 from tests.support.launch import ROOT
 
 schema.register()

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from syncbn.training import checkpoint, loop
-from syncbn.training.checkpoint_manager import BEST, CheckpointManager
-from syncbn.training.env import DistEnv
-from syncbn.training.progress import RunState
+from syncbn.training import loop
+from syncbn.training.lifecycle.env import DistEnv
+from syncbn.training.state import checkpoint
+from syncbn.training.state.manager import BEST, CheckpointManager
+from syncbn.training.state.progress import RunState
 from tests.support.launch import env, wait_for
 
 
@@ -72,7 +73,7 @@ CONCURRENT_WRITER = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from syncbn.training import checkpoint
+    from syncbn.training.state import checkpoint
     state = {"model": {"w": torch.zeros(2_000_000)}, "optimizer": {}, "epoch": 0, "step": 1}
     for _ in range(int(sys.argv[2])):
         checkpoint.write_atomic(state, Path(sys.argv[1]) / "last.pt")
@@ -163,15 +164,14 @@ def test_manager_keeps_the_best_checkpoint_by_metric(tmp_path, metric, values, b
 def test_a_model_with_nan_is_never_written_over_a_good_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
     manager = CheckpointManager(tmp_path, keep_last=3, best_metric=None, writer=True)
-    run = SimpleNamespace(
+    parts = SimpleNamespace(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        scaler=torch.amp.GradScaler("cuda", enabled=False),
         env=DistEnv(0, 0, 1, torch.device("cpu"), None),
         ckpts=manager,
         config={},
-        state=RunState(reference_global_batch=8, step=10),
     )
+    run = SimpleNamespace(parts=parts, state=RunState(reference_global_batch=8, step=10))
     assert loop._checkpoint(run)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")

@@ -1,13 +1,15 @@
 """Configuration: the real conf/ composes under its schema, and every bad value fails before any
-work with one message naming the key (Hydra for types and choices, config_checks for ranges)."""
+work with one message naming the key (Hydra for types and choices, config.checks for ranges)."""
 
 from __future__ import annotations
 
 import subprocess
+from dataclasses import fields
 
 import pytest
 
-from syncbn.training.config_checks import ConfigError, validate
+from syncbn.training.config import reference, schema, validate
+from syncbn.training.errors import ConfigError
 from tests.support.config import compose_config, composition_error
 from tests.support.launch import ROOT, command, env
 
@@ -149,3 +151,36 @@ def test_a_wrong_type_exits_78_naming_the_key(tmp_path):
     assert done.returncode == 78, done.stderr
     assert "optim.lr" in done.stderr and "could not be converted to Float" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_yaml_files_set_exactly_the_keys_their_schema_declares():
+    for group in reference.GROUPS:
+        for choice, (schema_class, values) in reference.group_files(group).items():
+            declared = {f.name for f in fields(schema_class)}
+            assert set(values) == declared, (f"conf/{group}/{choice}.yaml", set(values) ^ declared)
+
+
+def test_docs_training_md_key_reference_is_generated_from_the_current_schema_and_conf():
+    text = reference.DOC.read_text()
+    assert reference.rewrite(text) == text, (
+        "docs/training.md's key reference is stale: run "
+        "`python -m syncbn.training.config.reference --write`"
+    )
+    for group in reference.GROUPS:  # every key of every group has a row
+        for schema_class, _ in reference.group_files(group).values():
+            for f in fields(schema_class):
+                assert f"| `{group}.{f.name}` |" in text, f"{group}.{f.name}"
+
+
+RANGED = [
+    (f"{group}.{f.name}", f.metadata["range"])
+    for group, cls in (("trainer", schema.TrainerConfig), ("loader", schema.LoaderConfig))
+    for f in fields(cls)
+    if f.metadata["range"]
+]
+
+
+@pytest.mark.parametrize(("key", "bound"), RANGED, ids=[k for k, _ in RANGED])
+def test_every_range_the_schema_states_is_checked(key, bound):
+    with pytest.raises(ConfigError, match=rf"{key} expected {bound} \(got 0\)"):
+        validate(compose_config(f"{key}=0"), world_size=1, cuda=False)

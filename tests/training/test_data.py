@@ -10,9 +10,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from syncbn.training import data
-from syncbn.training.config_checks import ConfigError
 from syncbn.training.data.memory import split_indices
 from syncbn.training.data.transforms import ShiftFlip, random_resized_box, shift
+from syncbn.training.errors import ConfigError
 from tests.support.config import compose_config
 from tests.support.images import write_image_folder
 

@@ -16,9 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import syncbn.function
-from syncbn.training import checkpoint, data, loop
-from syncbn.training.env import DistEnv
+from syncbn.training import data, loop, parts
+from syncbn.training.lifecycle.env import DistEnv
 from syncbn.training.models import build_model
+from syncbn.training.state import checkpoint
 from syncbn.training.steplog import StepLog
 from tests.support.config import compose_config
 
@@ -74,7 +75,9 @@ def _steps_without_host_reads(overrides: list[str], steps: int) -> dict:
     second one; then one read of the step log (the sync point)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     env = DistEnv(rank, rank, world, torch.device("cpu"), "gloo")
-    r = loop._build(compose_config("run_dir=unused", *overrides), env)
+    cfg = compose_config("run_dir=unused", *overrides)
+    r = parts.build(cfg, env)
+    log = StepLog(cfg.trainer.sync_every, env.device)
     r.train_loader.sampler.set_epoch(0)
     batches = iter(r.train_loader)
     weights_before_nan = None
@@ -86,11 +89,11 @@ def _steps_without_host_reads(overrides: list[str], steps: int) -> dict:
             x = x * float("nan") if rank == 1 else x
         with no_host_reads():
             loss_sum, count, skipped = loop._train_step(r, x, y)
-            r.steps.record(step, 0.1, loss_sum, count, skipped)
+            log.record(step, 0.1, loss_sum, count, skipped)
         if step == 2:
             weights_after_nan = [p.detach().clone() for p in r.model.parameters()]
             buffers_after_nan = [b.clone() for b in r.model.buffers()]
-    records, _ = r.steps.read(world, False)
+    records, _ = log.read(world, False)
     unchanged = all(map(torch.equal, weights_before_nan, weights_after_nan)) and all(
         map(torch.equal, buffers_before_nan, buffers_after_nan)
     )
@@ -191,7 +194,7 @@ def test_accumulation_without_norm_layers_takes_the_same_steps(tmp_path):
 
 
 def test_bf16_autocast_runs_convolutions_in_bfloat16_and_trains(tmp_path):
-    r = loop._build(_cfg(tmp_path, "trainer.precision=bf16", "trainer.batch_size=16"), CPU)
+    r = parts.build(_cfg(tmp_path, "trainer.precision=bf16", "trainer.batch_size=16"), CPU)
     dtypes = []
     r.model.features[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     r.train_loader.sampler.set_epoch(0)
@@ -205,7 +208,7 @@ def test_bf16_autocast_runs_convolutions_in_bfloat16_and_trains(tmp_path):
 
 
 def test_channels_last_keeps_the_same_steps(tmp_path):
-    r = loop._build(_cfg(tmp_path, "trainer.channels_last=true"), CPU)
+    r = parts.build(_cfg(tmp_path, "trainer.channels_last=true"), CPU)
     conv = r.model.features[0]
     layouts = []
     conv.register_forward_hook(
@@ -250,7 +253,8 @@ def test_a_cuda_training_step_never_synchronizes(tmp_path):
         tmp_path, "trainer.precision=bf16", "trainer.channels_last=true",
         "trainer.nonfinite=skip", "trainer.grad_clip=1.0", "trainer.accumulate=2",
     )  # fmt: skip
-    r = loop._build(cfg, env)
+    r = parts.build(cfg, env)
+    steps = StepLog(cfg.trainer.sync_every, env.device)
     r.train_loader.sampler.set_epoch(0)
     batches = iter(r.train_loader)
     loop._train_step(r, *next(batches))  # warm-up: lazy allocations
@@ -258,8 +262,8 @@ def test_a_cuda_training_step_never_synchronizes(tmp_path):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 4):
-            r.steps.record(step, 0.1, *loop._train_step(r, *next(batches)))
+            steps.record(step, 0.1, *loop._train_step(r, *next(batches)))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    records, _ = r.steps.read(1, False)
+    records, _ = steps.read(1, False)
     assert all(record.finite for record in records)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import syncbn
-from syncbn.training.config_checks import ConfigError
+from syncbn.training.errors import ConfigError
 from syncbn.training.models import DeepLab, ResNet, build_model
 from tests.support.config import compose_config
 
@@ -74,7 +74,7 @@ def test_a_bad_target_is_a_config_error_naming_key_and_fix(target, arguments, no
 
 
 def test_model_custom_without_a_target_is_rejected_before_work():
-    from syncbn.training.config_checks import validate
+    from syncbn.training.config import validate
 
     with pytest.raises(ConfigError, match=r"model._target_ expected the import path"):
         validate(compose_config("model=custom"), world_size=1, cuda=False)

@@ -11,10 +11,10 @@ import subprocess
 import pytest
 import yaml
 
-from syncbn.training import checkpoint, progress, resume_policy
-from syncbn.training.config_checks import ConfigError
 from syncbn.training.data import EpochShard
-from syncbn.training.progress import RunState
+from syncbn.training.errors import ConfigError
+from syncbn.training.state import checkpoint, progress, resume_policy
+from syncbn.training.state.progress import RunState
 from tests.support.launch import ROOT, command, env, train
 
 N_TRAIN = 1438  # digits training split

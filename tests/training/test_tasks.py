@@ -113,7 +113,8 @@ def test_mean_iou_over_ranks_matches_scikit_learn_on_the_gathered_pixels(run_ran
 
 
 def test_a_task_refuses_data_it_cannot_read_and_the_config_check_says_so():
-    from syncbn.training.config_checks import ConfigError, validate
+    from syncbn.training.config import validate
+    from syncbn.training.errors import ConfigError
     from tests.support.config import compose_config
 
     with pytest.raises(ConfigError, match=r"task=segmentation expected data from \['digit_scenes'"):
@@ -123,8 +124,8 @@ def test_a_task_refuses_data_it_cannot_read_and_the_config_check_says_so():
 
 
 def test_resume_refuses_another_task_and_lets_label_smoothing_change():
-    from syncbn.training import resume_policy
-    from syncbn.training.config_checks import ConfigError
+    from syncbn.training.errors import ConfigError
+    from syncbn.training.state import resume_policy
 
     saved = {"task": {"name": "segmentation", "label_smoothing": 0.0, "ignore_index": 255}}
     changed = {"task": {"name": "segmentation", "label_smoothing": 0.1, "ignore_index": 255}}

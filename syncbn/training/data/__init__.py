@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config_checks import ConfigError
+from ..errors import ConfigError
 from .base import Samples, Splits, TensorSource
 from .imagefolder import imagefolder
 from .memory import cifar10, digits, normalize, synthetic

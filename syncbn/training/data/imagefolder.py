@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config_checks import ConfigError
+from ..errors import ConfigError
 from .base import Splits, splits
 from .transforms import ImageTransform
 

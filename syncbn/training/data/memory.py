@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config_checks import ConfigError
+from ..errors import ConfigError
 from .base import Splits, TensorSource, identity, splits
 from .transforms import ShiftFlip
 

@@ -32,7 +32,7 @@ from torch import nn
 from ...batchnorm import SyncBatchNorm
 from ...convert import convert_sync_batchnorm
 from ...distributed import new_sync_group
-from ..config_checks import ConfigError
+from ..errors import ConfigError
 from .deeplab import DeepLab
 from .resnet import BasicBlock, ResNet, norm_factory
 

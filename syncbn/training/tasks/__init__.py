@@ -15,7 +15,7 @@ metrics; its config file also picks its default dataset and model (``task=segmen
 
 from __future__ import annotations
 
-from ..config_checks import ConfigError
+from ..errors import ConfigError
 from .base import Meter, Task
 from .classification import Classification
 from .segmentation import Segmentation

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config_checks import ConfigError
+from ..errors import ConfigError
 from .base import Meter, Task
 
 

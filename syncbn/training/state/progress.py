@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .data import steps_in_epoch
+from ..data import steps_in_epoch
 
 
 @dataclass
@@ -52,18 +52,18 @@ class RunState:
         return state
 
 
-def total_samples(trainer_cfg, state: RunState, dataset_size: int, global_batch: int) -> int:
+def total_samples(trainer, state: RunState, dataset_size: int, global_batch: int) -> int:
     """The samples the whole run trains, as planned from ``state`` on with this global batch."""
-    if trainer_cfg.max_steps is not None:
-        return trainer_cfg.max_steps * state.reference_global_batch
-    if state.epoch >= trainer_cfg.epochs:
+    if trainer.max_steps is not None:
+        return trainer.max_steps * state.reference_global_batch
+    if state.epoch >= trainer.epochs:
         return state.samples
     per_epoch = steps_in_epoch(dataset_size, global_batch) * global_batch
     rest = steps_in_epoch(dataset_size, global_batch, state.epoch_offset) * global_batch
-    return state.samples + rest + (trainer_cfg.epochs - state.epoch - 1) * per_epoch
+    return state.samples + rest + (trainer.epochs - state.epoch - 1) * per_epoch
 
 
-def finished(trainer_cfg, state: RunState) -> bool:
-    if trainer_cfg.max_steps is not None:
-        return state.samples >= trainer_cfg.max_steps * state.reference_global_batch
-    return state.epoch >= trainer_cfg.epochs
+def finished(trainer, state: RunState) -> bool:
+    if trainer.max_steps is not None:
+        return state.samples >= trainer.max_steps * state.reference_global_batch
+    return state.epoch >= trainer.epochs

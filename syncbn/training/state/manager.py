@@ -6,7 +6,7 @@ hard link to it (no second write), and step files beyond the newest ``keep_last`
 training state at the evaluation with the best validation metric so far (``acc``, ``top5``,
 ``miou``: highest; ``loss``: lowest); it is linked to the step file of the same step when
 there is one, written otherwise. Only one process (rank 0) writes; all file operations are atomic
-(:mod:`syncbn.training.checkpoint`).
+(:mod:`syncbn.training.state.checkpoint`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reject bad configuration before any work starts, naming each bad key and the fix.
 
-Types and choices are Hydra's job (:mod:`syncbn.training.schema`): ``optim.lr=abc`` never gets
-here. This module checks what types cannot say: ranges (``optim.lr`` finite and > 0,
+Types and choices are Hydra's job (:mod:`syncbn.training.config.schema`): ``optim.lr=abc`` never
+gets here. This module checks what types cannot say: ranges (``optim.lr`` finite and > 0,
 ``data.val_fraction`` in (0, 1)), and facts about this machine and launch (``dist.backend=nccl``
 needs CUDA, ``norm.group_size`` must divide the world size). Every failed check is collected, so a
 config with three bad values fails once, with one message listing all three.
@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from ..distributed import divisors
-from .env import world_size_from_env
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; train.py prints the message (no traceback) and exits 78."""
+from ...distributed import divisors
+from ..errors import ConfigError
+from ..lifecycle.env import world_size_from_env
+from ..tasks import TASKS
+from .schema import POSITIVE, POSITIVE_OR_NULL, LoaderConfig, TrainerConfig
 
 
 def validate(cfg, world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -51,111 +51,111 @@ def format_problems(problems: list[str]) -> str:
     return "bad configuration:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
-def _trainer(t) -> Iterator[str]:
-    if t.max_steps is None:
-        if not _positive_int(t.epochs):
-            yield f"trainer.epochs expected > 0 (got {t.epochs}); or set trainer.max_steps"
-    elif not _positive_int(t.max_steps):
+def _trainer(trainer) -> Iterator[str]:
+    if trainer.max_steps is None:
+        if not _positive_int(trainer.epochs):
+            yield f"trainer.epochs expected > 0 (got {trainer.epochs}); or set trainer.max_steps"
+    elif not _positive_int(trainer.max_steps):
         yield (
-            f"trainer.max_steps expected > 0 or null (got {t.max_steps}); null trains "
-            f"trainer.epochs={t.epochs} epochs"
+            f"trainer.max_steps expected > 0 or null (got {trainer.max_steps}); null trains "
+            f"trainer.epochs={trainer.epochs} epochs"
         )
-    for key in ("batch_size", "eval_batch_size", "eval_every", "ckpt_every", "sync_every",
-                "log_every", "keep_last", "accumulate"):  # fmt: skip
-        if not _positive_int(t[key]):
-            yield f"trainer.{key} expected > 0 (got {t[key]})"
-    if _positive_int(t.batch_size) and _positive_int(t.accumulate) and t.batch_size % t.accumulate:
+    yield from _ranged("trainer", TrainerConfig, trainer)
+    if (
+        _positive_int(trainer.batch_size)
+        and _positive_int(trainer.accumulate)
+        and trainer.batch_size % trainer.accumulate
+    ):
         yield (
-            f"trainer.accumulate expected a divisor of trainer.batch_size={t.batch_size} (got "
-            f"{t.accumulate}): each rank's batch is split into that many equal micro-batches"
+            f"trainer.accumulate expected a divisor of trainer.batch_size={trainer.batch_size} "
+            f"(got {trainer.accumulate}): each rank's batch is split into that many equal "
+            f"micro-batches"
         )
-    if not _positive_int(t.max_consecutive_skips):
-        yield f"trainer.max_consecutive_skips expected > 0 (got {t.max_consecutive_skips})"
-    for key in ("eval_every_steps", "ckpt_every_steps", "precise_bn_batches", "bn_telemetry_every"):
-        if t[key] is not None and not _positive_int(t[key]):
-            yield f"trainer.{key} expected > 0 or null (got {t[key]}); null turns it off"
-    if t.grad_clip is not None and not _positive_finite(t.grad_clip):
+    if trainer.grad_clip is not None and not _positive_finite(trainer.grad_clip):
         yield (
-            f"trainer.grad_clip expected a finite max norm > 0 or null (got {t.grad_clip}); "
-            f"null turns clipping off"
+            f"trainer.grad_clip expected a finite max norm > 0 or null (got "
+            f"{trainer.grad_clip}); null turns clipping off"
         )
-    resume = t.resume
+    resume = trainer.resume
     if resume not in (None, "", "auto") and not Path(resume).is_file():
         yield f"trainer.resume expected a checkpoint file, 'auto' or null (got {resume!r}: missing)"
-    if t.eval_only and not resume:
+    if trainer.eval_only and not resume:
         yield (
             "trainer.eval_only=true expected a checkpoint to evaluate (got trainer.resume=null); "
             "pass trainer.resume=PATH/TO/checkpoint.pt"
         )
 
 
-def _optim(o) -> Iterator[str]:
-    if not _positive_finite(o.lr):
-        yield f"optim.lr expected a finite number > 0 (got {o.lr})"
-    if not (_finite(o.weight_decay) and o.weight_decay >= 0):
-        yield f"optim.weight_decay expected a finite number >= 0 (got {o.weight_decay})"
-    if not (_finite(o.momentum) and 0 <= o.momentum < 1):
-        yield f"optim.momentum expected a number in [0, 1) (got {o.momentum})"
-    if len(o.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in o.betas):
-        yield f"optim.betas expected two numbers in [0, 1) (got {list(o.betas)})"
-    if not (isinstance(o.warmup_steps, int) and o.warmup_steps >= 0):
-        yield f"optim.warmup_steps expected >= 0 (got {o.warmup_steps})"
-    if not (_finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1):
-        yield f"optim.min_lr_ratio expected a number in [0, 1] (got {o.min_lr_ratio})"
+def _optim(optim) -> Iterator[str]:
+    if not _positive_finite(optim.lr):
+        yield f"optim.lr expected a finite number > 0 (got {optim.lr})"
+    if not (_finite(optim.weight_decay) and optim.weight_decay >= 0):
+        yield f"optim.weight_decay expected a finite number >= 0 (got {optim.weight_decay})"
+    if not (_finite(optim.momentum) and 0 <= optim.momentum < 1):
+        yield f"optim.momentum expected a number in [0, 1) (got {optim.momentum})"
+    if len(optim.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in optim.betas):
+        yield f"optim.betas expected two numbers in [0, 1) (got {list(optim.betas)})"
+    if not (isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0):
+        yield f"optim.warmup_steps expected >= 0 (got {optim.warmup_steps})"
+    if not (_finite(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1):
+        yield f"optim.min_lr_ratio expected a number in [0, 1] (got {optim.min_lr_ratio})"
 
 
-def _data(d) -> Iterator[str]:
-    if "val_fraction" in d and not (_finite(d.val_fraction) and 0 < d.val_fraction < 1):
+def _data(data) -> Iterator[str]:
+    if "val_fraction" in data and not (_finite(data.val_fraction) and 0 < data.val_fraction < 1):
         yield (
-            f"data.val_fraction expected a fraction in (0, 1) (got {d.val_fraction}): the "
+            f"data.val_fraction expected a fraction in (0, 1) (got {data.val_fraction}): the "
             f"validation split must hold samples and so must the training split"
         )
-    if "augment_shift" in d and d.augment_shift < 0:
-        yield f"data.augment_shift expected >= 0 pixels (got {d.augment_shift})"
+    if "augment_shift" in data and data.augment_shift < 0:
+        yield f"data.augment_shift expected >= 0 pixels (got {data.augment_shift})"
     for key in ("num_samples", "image_size", "channels", "canvas", "num_train", "num_val"):
-        if key in d and not _positive_int(d[key]):
-            yield f"data.{key} expected > 0 (got {d[key]})"
-    if "num_classes" in d and not (isinstance(d.num_classes, int) and d.num_classes >= 2):
-        yield f"data.num_classes expected >= 2 (got {d.num_classes})"
-    if "pad" in d and d.pad < 0:
-        yield f"data.pad expected >= 0 pixels (got {d.pad})"
+        if key in data and not _positive_int(data[key]):
+            yield f"data.{key} expected > 0 (got {data[key]})"
+    if "num_classes" in data and not (isinstance(data.num_classes, int) and data.num_classes >= 2):
+        yield f"data.num_classes expected >= 2 (got {data.num_classes})"
+    if "pad" in data and data.pad < 0:
+        yield f"data.pad expected >= 0 pixels (got {data.pad})"
     for key in ("scale", "ratio", "digits_per_image", "digit_scale", "rim"):
-        if key in d and not _increasing_pair(d[key]):
-            yield f"data.{key} expected [low, high] with 0 < low <= high (got {list(d[key])})"
-    if "scale" in d and _increasing_pair(d.scale) and d.scale[1] > 1:
-        yield f"data.scale expected area fractions in (0, 1] (got {list(d.scale)})"
-    if "canvas" in d and "digit_scale" in d and _increasing_pair(d.digit_scale):
-        if _positive_int(d.canvas) and 8 * d.digit_scale[1] > d.canvas:
+        if key in data and not _increasing_pair(data[key]):
+            yield f"data.{key} expected [low, high] with 0 < low <= high (got {list(data[key])})"
+    if "scale" in data and _increasing_pair(data.scale) and data.scale[1] > 1:
+        yield f"data.scale expected area fractions in (0, 1] (got {list(data.scale)})"
+    if "canvas" in data and "digit_scale" in data and _increasing_pair(data.digit_scale):
+        if _positive_int(data.canvas) and 8 * data.digit_scale[1] > data.canvas:
             yield (
                 f"data.digit_scale expected digits (8 x scale pixels) that fit the "
-                f"{d.canvas}-pixel canvas (got {list(d.digit_scale)})"
+                f"{data.canvas}-pixel canvas (got {list(data.digit_scale)})"
             )
-    if "resize_ratio" in d and not (_finite(d.resize_ratio) and 0 < d.resize_ratio <= 1):
-        yield f"data.resize_ratio expected a number in (0, 1] (got {d.resize_ratio})"
+    if "resize_ratio" in data and not (_finite(data.resize_ratio) and 0 < data.resize_ratio <= 1):
+        yield f"data.resize_ratio expected a number in (0, 1] (got {data.resize_ratio})"
     for key in ("mean", "std"):
-        if key in d and (len(d[key]) != 3 or not all(_finite(v) for v in d[key])):
-            yield f"data.{key} expected 3 numbers, one per RGB channel (got {list(d[key])})"
-    if "std" in d and not all(_positive_finite(v) for v in d.std):
-        yield f"data.std expected numbers > 0 (got {list(d.std)})"
+        if key in data and (len(data[key]) != 3 or not all(_finite(v) for v in data[key])):
+            yield f"data.{key} expected 3 numbers, one per RGB channel (got {list(data[key])})"
+    if "std" in data and not all(_positive_finite(v) for v in data.std):
+        yield f"data.std expected numbers > 0 (got {list(data.std)})"
 
 
-def _model(m) -> Iterator[str]:
-    if "_target_" not in m or OmegaConf.is_missing(m, "_target_") or not m._target_:
+def _model(model) -> Iterator[str]:
+    if "_target_" not in model or OmegaConf.is_missing(model, "_target_") or not model._target_:
         yield (
             "model._target_ expected the import path of a class or function returning an "
             "nn.Module (got none); e.g. model._target_=torchvision.models.resnet50"
         )
-    if "widths" in m and (len(m.widths) == 0 or not all(_positive_int(w) for w in m.widths)):
-        yield f"model.widths expected a non-empty list of channel counts > 0 (got {list(m.widths)})"
-    if "blocks_per_stage" in m and not _positive_int(m.blocks_per_stage):
-        yield f"model.blocks_per_stage expected > 0 (got {m.blocks_per_stage})"
-    if "init_scale" in m and not _positive_finite(m.init_scale):
-        yield f"model.init_scale expected a finite number > 0 (got {m.init_scale})"
+    if "widths" in model and (
+        len(model.widths) == 0 or not all(_positive_int(w) for w in model.widths)
+    ):
+        yield (
+            f"model.widths expected a non-empty list of channel counts > 0 (got "
+            f"{list(model.widths)})"
+        )
+    if "blocks_per_stage" in model and not _positive_int(model.blocks_per_stage):
+        yield f"model.blocks_per_stage expected > 0 (got {model.blocks_per_stage})"
+    if "init_scale" in model and not _positive_finite(model.init_scale):
+        yield f"model.init_scale expected a finite number > 0 (got {model.init_scale})"
 
 
 def _task(cfg) -> Iterator[str]:
-    from .tasks import TASKS  # the tasks import this module
-
     task = TASKS.get(str(cfg.task.name))
     data = str(cfg.data.name)
     if task is not None and data not in task.datasets:
@@ -176,8 +176,7 @@ def _task(cfg) -> Iterator[str]:
 def _loader(loader) -> Iterator[str]:
     if not (isinstance(loader.workers, int) and loader.workers >= 0):
         yield f"loader.workers expected >= 0 (got {loader.workers}); 0 loads in the main process"
-    if not _positive_int(loader.prefetch_factor):
-        yield f"loader.prefetch_factor expected > 0 (got {loader.prefetch_factor})"
+    yield from _ranged("loader", LoaderConfig, loader)
 
 
 def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
@@ -217,6 +216,16 @@ def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
             f"norm.group_size expected a divisor of the world size {world_size} (got {group_size});"
             f" choose one of {divisors(world_size)} or null"
         )
+
+
+def _ranged(group: str, schema, node) -> Iterator[str]:
+    """The keys whose range the schema states (:func:`~.schema.key`), checked from it alone."""
+    for f in fields(schema):
+        bound, value = f.metadata.get("range"), node[f.name]
+        if bound == POSITIVE and not _positive_int(value):
+            yield f"{group}.{f.name} expected > 0 (got {value})"
+        elif bound == POSITIVE_OR_NULL and value is not None and not _positive_int(value):
+            yield f"{group}.{f.name} expected > 0 or null (got {value}); null turns it off"
 
 
 def _increasing_pair(value) -> bool:

@@ -5,11 +5,11 @@ key by key with it:
 
 - **refused** (the run would no longer be the same run): ``model.*``, ``norm.name``, ``data.*``
   except ``data.root``, ``optim.name``, ``seed``, ``task.name``, ``task.ignore_index``.
-  Resuming with any of them changed is a :class:`~syncbn.training.config_checks.ConfigError`
+  Resuming with any of them changed is a :class:`~syncbn.training.errors.ConfigError`
   naming each key with both values.
 - **the global batch** (world size, ``trainer.batch_size``, ``norm.group_size``): allowed, with
   a warning that says what SyncBN now normalizes over. Progress is counted in samples
-  (:mod:`syncbn.training.progress`), so the run still trains the amount asked for.
+  (:mod:`syncbn.training.state.progress`), so the run still trains the amount asked for.
 - **everything else takes effect** from the resumed step: ``optim.lr`` and the other optimizer
   hyperparameters and schedule keys, ``trainer.epochs``/``max_steps``, intervals, clipping,
   ``trainer.nonfinite``, logging, ``dist.*``... One log line lists what changed.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .config_checks import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
