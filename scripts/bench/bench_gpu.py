@@ -253,38 +253,44 @@ def _swap_batchnorms(module: nn.Module, cls) -> nn.Module:
 
 
 def training_steps(args, device, timer) -> list[dict] | str:
+    """A ResNet-50 training step (SGD, channels_last) per norm, in bf16 autocast and in fp32:
+    eager, replayed as a CUDA graph and (``--compile-model``) under ``torch.compile``."""
     size = 32 if args.smoke else 224
     batch = 4 if args.smoke else args.batch
     rows = []
-    for norm in ("cudnn_bn", "syncbn", "syncbn_aten", "syncbn_compiled_steps", "torch_syncbn"):
-        model = build_model(args, norm, device)
-        if model is None:
-            return "skipped: torchvision is not installed"
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = torch.randn(batch, 3, size, size, device=device).contiguous(
-            memory_format=torch.channels_last
-        )
-        target = torch.randint(0, 10, (batch,), device=device)
-        amp = device.type == "cuda"
+    precisions = ("bf16", "fp32") if device.type == "cuda" else ("fp32",)
+    for precision in precisions:
+        for norm in ("cudnn_bn", "syncbn", "syncbn_aten", "syncbn_compiled_steps", "torch_syncbn"):
+            model = build_model(args, norm, device)
+            if model is None:
+                return "skipped: torchvision is not installed"
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            x = torch.randn(batch, 3, size, size, device=device).contiguous(
+                memory_format=torch.channels_last
+            )
+            target = torch.randint(0, 10, (batch,), device=device)
+            amp = precision == "bf16"
 
-        def step(model=model, optimizer=optimizer, x=x, target=target, amp=amp):
-            optimizer.zero_grad(set_to_none=False)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
+            def step(model=model, optimizer=optimizer, x=x, target=target, amp=amp):
+                optimizer.zero_grad(set_to_none=False)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                optimizer.step()
 
-        row = {"norm": norm, "batch": batch, "image_size": size, "eager_ms": timer(step)}
-        row["graphed_ms"] = graphed(step, timer) if device.type == "cuda" else None
-        if args.compile_model and norm in ("cudnn_bn", "syncbn", "torch_syncbn"):
-            row["compiled_ms"] = compiled_model_step(model, optimizer, x, target, amp, timer)
-        rows.append(row)
-        graph = row["graphed_ms"]  # None on CPU, a message when capture failed
-        print(
-            f"| {norm} | {row['eager_ms']:.2f} | "
-            f"{f'{graph:.2f}' if isinstance(graph, float) else graph} | {row.get('compiled_ms')} |",
-            flush=True,
-        )
+            row = {"norm": norm, "precision": precision, "batch": batch, "image_size": size}
+            row["eager_ms"] = timer(step)
+            row["graphed_ms"] = graphed(step, timer) if device.type == "cuda" else None
+            if args.compile_model and norm in ("cudnn_bn", "syncbn", "torch_syncbn"):
+                row["compiled_ms"] = compiled_model_step(model, optimizer, x, target, amp, timer)
+            rows.append(row)
+            graph = row["graphed_ms"]  # None on CPU, a message when capture failed
+            print(
+                f"| {precision} | {norm} | {row['eager_ms']:.2f} | "
+                f"{f'{graph:.2f}' if isinstance(graph, float) else graph} "
+                f"| {row.get('compiled_ms')} |",
+                flush=True,
+            )
     return rows
 
 
