@@ -181,6 +181,7 @@ def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
         "naive SyncBN (autograd)": lambda: NaiveSyncBatchNorm(channels),
     }
     rows = []
+    rows.append(_count_triton(channels))
     for name, build in variants.items():
         if "stand-in" in name:  # ours: its per-channel steps op by op (default) or compiled
             use_standin_kernels(compile_steps="SYNCBN_FUSE_STEPS=1" in name)
@@ -202,13 +203,43 @@ def _count_rank(rank: int, world_size: int, init_file: str, args, queue) -> None
     dist.destroy_process_group()
 
 
+def _count_triton(channels: int) -> dict:
+    """The Triton kernel set (interpreted on CPU): its launches, each one op, and every other
+    ATen op of the step that is not an allocation, a view or the all-reduce."""
+    from syncbn.testing import cuda_standin
+    from syncbn.testing.launches import launches_and_ops
+
+    with cuda_standin.path("triton"):
+        layer = SyncBatchNorm(channels)
+        x = torch.randn(COUNT_SHAPE, requires_grad=True)
+        dy = torch.randn(COUNT_SHAPE)
+
+        def step():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x).backward(dy)
+
+        step()  # warm caches
+        launches, others = launches_and_ops(step)
+    # the error word's read: on CPU tensors only (on CUDA it waits for the next host sync)
+    others = [op for op in others if op not in ("allreduce_", "_local_scalar_dense")]
+    ops = [f"triton::{name}" for name in launches] + [f"aten::{op}" for op in others]
+    return {
+        "variant": "syncbn (Triton kernels, interpreted)",
+        "ops": len(ops),
+        "by_op": dict(Counter(ops).most_common()),
+    }
+
+
 def count_ops(args) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors
     rows = run_ranks(_count_rank, args.world_size, args)
     report = {
         **machine("cpu", args.world_size),
         "shape": list(COUNT_SHAPE),
         "what": "top-level ATen ops of one training forward+backward, views and collectives "
-        "excluded; standin:: = one CUDA kernel call",
+        "excluded; standin:: = one CUDA kernel call; the Triton row: its kernel launches plus "
+        "any other op that is not an allocation, a view or the all-reduce",
         "rows": rows,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

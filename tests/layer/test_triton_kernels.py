@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import syncbn
 from syncbn import kernels as sbkernels
 from syncbn.testing import cuda_standin
+from syncbn.testing.launches import launches_and_ops
 from syncbn.testing.scenarios import SCENARIOS, Case, check_against_reference, run_sync_bn
 
 pytest.importorskip("triton")
@@ -92,75 +92,23 @@ def test_float32_at_a_mean_of_ten_thousand_stds_is_exact_to_float32(run_ranks):
     assert_close(ranks[0]["mean"].double(), reference.running_mean, rtol=1e-7, atol=0)
 
 
-class _Ops(TorchDispatchMode):
-    """The ATen ops a training step issues outside the Triton kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
-
-
-ALLOCATION_AND_VIEWS = {
-    "empty", "empty_like", "empty_strided", "view", "select", "slice", "unbind", "alias",
-    "detach", "as_strided", "t", "expand", "unsqueeze", "squeeze",
-}  # fmt: skip
 HOST_READ_ON_CPU = {"_local_scalar_dense"}  # the error word, read at once on CPU tensors only
 
 
 def _launches_and_ops(batch_sizes, momentum, channels_last) -> tuple[int, list[str]]:
-    from syncbn.kernels import triton_kernels
-
     rank = dist.get_rank()
-    mode = _Ops()
-    launches = []
-    originals = {}
-    for name in ("_moments", "_normalize", "_backward_reduce", "_grad_input"):
-        kernel = getattr(triton_kernels, name)
-        originals[name] = kernel
-
-        class Counted:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launch = self.kernel[grid]
-
-                def run(*args, **kwargs):
-                    launches.append(self.name)
-                    mode.paused = True
-                    try:
-                        return launch(*args, **kwargs)
-                    finally:
-                        mode.paused = False
-
-                return run
-
-        setattr(triton_kernels, name, Counted(kernel, name))
-    try:
-        with cuda_standin.path("triton"):
-            bn = syncbn.SyncBatchNorm(4, momentum=momentum)
-            x = torch.randn(batch_sizes[rank], 4, 3, 5)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_()
-            bn(x).sum().backward()  # warm-up: caches (counters, error word) are made once
-            launches.clear()
-            x.grad = None  # so that autograd does not add into old gradients (an add_ each)
-            bn.zero_grad(set_to_none=True)
-            ones = torch.ones_like(x)
-            with mode:
-                bn(x).backward(ones)
-    finally:
-        for name, kernel in originals.items():
-            setattr(triton_kernels, name, kernel)
-    others = [op for op in mode.ops if op not in ALLOCATION_AND_VIEWS | HOST_READ_ON_CPU]
-    return len(launches), others
+    with cuda_standin.path("triton"):
+        bn = syncbn.SyncBatchNorm(4, momentum=momentum)
+        x = torch.randn(batch_sizes[rank], 4, 3, 5)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        bn(x).sum().backward()  # warm-up: caches (counters, error word) are made once
+        x.grad = None  # so that autograd does not add into old gradients (an add_ each)
+        bn.zero_grad(set_to_none=True)
+        ones = torch.ones_like(x)
+        launches, others = launches_and_ops(lambda: bn(x).backward(ones))
+    return len(launches), [op for op in others if op not in HOST_READ_ON_CPU]
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

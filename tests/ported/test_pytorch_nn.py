@@ -65,7 +65,8 @@ def test_nn_one_value_per_channel_is_an_error(run_ranks, path):
     ``test_batchnorm_raises_error_if_less_than_one_value_per_channel``: an input of shape
     (1, 10, 1) in training raises ValueError. Here the global batch is that input on rank 0 and
     nothing on rank 1: every rank raises. On the CUDA branch the check is a device-side
-    assertion (docs/library.md, Failing loudly), which on CPU raises RuntimeError with the same text."""
+    assertion (docs/library.md, Failing loudly), which on CPU raises RuntimeError with the same
+    text."""
     for kind, message in run_ranks(_one_value_per_channel, 2, path):
         assert "expected more than 1 value per channel" in message, message
         assert kind == ("ValueError" if path == "cpu" else "RuntimeError")
