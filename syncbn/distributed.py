@@ -138,6 +138,24 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Te
     return tensor
 
 
+def reduce_for_layer(
+    packed: torch.Tensor, group: ProcessGroup | None, layer_name: str, phase: str
+) -> torch.Tensor:
+    """all_reduce_sum, with a failure (a peer died, the group timed out) naming the layer."""
+    if torch.compiler.is_compiling():
+        return all_reduce_sum(packed, group)
+    try:
+        return all_reduce_sum(packed, group)
+    except RuntimeError as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RuntimeError(
+            f"SyncBatchNorm layer {layer_name!r}: the {phase} all_reduce of {packed.numel()} "
+            f"values failed ({cause}). A peer rank probably crashed or timed out, or the ranks "
+            f"ran SyncBN layers a different number of times; rerun with SYNCBN_DEBUG=1 to find "
+            f"the first divergent layer"
+        ) from error
+
+
 def divisors(n: int) -> list[int]:
     """The valid group sizes for a world of ``n`` ranks."""
     return [d for d in range(1, n + 1) if n % d == 0]

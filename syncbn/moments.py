@@ -46,9 +46,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["expected_signatures", "layer_signature", "pack", "tail"]
+__all__ = [
+    "MIXED_LAYERS_MESSAGE",
+    "ONE_VALUE_MESSAGE",
+    "expected_signatures",
+    "layer_signature",
+    "pack",
+    "tail",
+]
 
 SIGNATURE_RANGE = 2**31 - 1
+
+# What the two checks of the reduced buffer (its count, its signatures) say when they fail.
+ONE_VALUE_MESSAGE = (
+    "SyncBatchNorm expected more than 1 value per channel across the process group when "
+    "training (got {count}); use a larger batch, sync over more ranks, or call .eval()"
+)
+MIXED_LAYERS_MESSAGE = (
+    "SyncBatchNorm layer {name!r} expected every rank of its group in this layer (got a "
+    "different SyncBatchNorm layer of the same width on another rank, whose statistics would "
+    "have been mixed into this one's). Ranks must run SyncBN layers in the same order and the "
+    "same number of times; rerun with SYNCBN_DEBUG=1 to see each rank's layer. Layers built "
+    "outside convert_sync_batchnorm are named SyncBatchNorm#k in construction order per "
+    "process: if ranks built different numbers of them, name them by their path in the model "
+    "with syncbn.convert_sync_batchnorm(model)"
+)
 
 
 def layer_signature(layer_name: str, num_channels: int) -> int:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .function import SyncBatchNormFunction
 from .precision import mixed_parameters
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ def keep(layer: SyncBatchNorm, input: Tensor, mean: Tensor, invstd: Tensor, coun
 def synchronized_rerun(layer: SyncBatchNorm, input: Tensor, spec: SyncSpec) -> Tensor:
     """A recomputation on the synchronized path: the kept statistics, else one more reduction;
     the running statistics and ``num_batches_tracked`` stay as the first forward left them."""
-    from .function import SyncBatchNormFunction
-
     layer._recompute_epoch = layer.__dict__.get("_recompute_epoch", 0) + 1
     kept = _kept(layer)
     key = (tuple(input.shape), input.dtype, input.device)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-import syncbn.function as sbfunction
+import syncbn.distributed as sbdistributed
 from syncbn.telemetry import BNTelemetry
 from syncbn.testing.bench import init_group, machine, run_ranks
 from syncbn.training.models import build_model
@@ -152,17 +152,17 @@ def _time_steps(net, optimizer, x, y, steps: int, device, step=_step) -> float:
 def _count_syncbn_collectives(net, optimizer, x, y) -> dict:
     """Collectives our SyncBN issues in one real training step: count, elements, bytes."""
     calls = []
-    real = sbfunction.all_reduce_sum
+    real = sbdistributed.all_reduce_sum
 
     def spy(tensor, group):
         calls.append((tensor.numel(), tensor.element_size()))
         return real(tensor, group)
 
-    sbfunction.all_reduce_sum = spy
+    sbdistributed.all_reduce_sum = spy
     try:
         _step(net, optimizer, x, y)
     finally:
-        sbfunction.all_reduce_sum = real
+        sbdistributed.all_reduce_sum = real
     return {
         "collectives": len(calls),
         "elements": sum(n for n, _ in calls),

@@ -57,7 +57,9 @@ from torch import Tensor
 
 from .aten import FusedKernels
 from .common import (
+    autocast_off,
     channel_view,
+    dense,
     local_moments64,
     memory_format,
     reduce_dims,
@@ -68,7 +70,9 @@ from .portable import PortableKernels
 __all__ = [
     "FusedKernels",
     "PortableKernels",
+    "autocast_off",
     "channel_view",
+    "dense",
     "reduce_dims",
     "fused_steps",
     "kernels_for",

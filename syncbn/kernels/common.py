@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -46,3 +48,16 @@ def local_moments64(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _as_type(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype``, without an op when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def autocast_off(device_type: str):
+    """Autocast disabled inside the layer (it manages its own dtypes); entering ``autocast``
+    costs more than the small ops here, so only when it is on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def dense(t: Tensor, like: Tensor | None = None) -> Tensor:
+    """Dense in ``like``'s (default: its own) memory format, as the CUDA kernels need."""
+    return t.contiguous(memory_format=memory_format(like if like is not None else t))

@@ -165,7 +165,7 @@ def device_error_word(device: torch.device) -> Tensor:
 def raise_device_errors(device: torch.device | None = None) -> None:
     """Raise the error of the first failed device-side check since the last call, naming the
     layer, and clear it (a host read of one word per device that ran the Triton kernels)."""
-    from ..function import MIXED_LAYERS_MESSAGE, ONE_VALUE_MESSAGE
+    from ..moments import MIXED_LAYERS_MESSAGE, ONE_VALUE_MESSAGE
 
     devices = [device] if device is not None else list(_ERRORS)
     for dev in devices:
@@ -187,7 +187,7 @@ class TritonKernels:
     """Four Triton launches per layer forward+backward (contracts: module docstring)."""
 
     name = "triton"
-    owns_per_channel_steps = True  # function.py hands it the whole step between collectives
+    owns_per_channel_steps = True  # the whole step between collectives: syncbn.in_kernels
 
     def __init__(self, target_programs: int | None = None) -> None:
         self.target_programs = target_programs  # None: by device (tests shrink or grow it)
@@ -272,6 +272,12 @@ class TritonKernels:
         updates the running statistics (``momentum=None``: the cumulative average, from
         ``num_batches_tracked``) and checks the buffer (module docstring). One launch, also for
         an empty input."""
+        tracking = running_mean is not None
+        if tracking and momentum is None and num_batches_tracked is None:
+            raise ValueError(
+                "SyncBatchNorm expected num_batches_tracked with momentum=None (the cumulative "
+                "average weighs by it) (got None); pass the layer's counter or a float momentum"
+            )
         geometry = _spatial_geometry(x)
         p = self._plan(x, geometry)
         c = geometry.c
@@ -279,7 +285,6 @@ class TritonKernels:
         mean = torch.empty(2, c, dtype=torch.float32, device=x.device)  # [mean; low part]
         invstd = torch.empty(c, dtype=torch.float32, device=x.device)
         y_geometry = _spatial_geometry(output)
-        tracking = running_mean is not None
         tk._normalize[p.grid](
             x,
             output,

@@ -18,8 +18,8 @@ from torch import nn
 from torch.testing import assert_close
 
 import syncbn
-from syncbn import function as sbfunction
 from syncbn import kernels as sbkernels
+from syncbn import stepwise
 from syncbn.testing import cuda_standin
 from syncbn.testing.scenarios import SCENARIOS, Case, check_against_reference, run_sync_bn
 
@@ -126,7 +126,7 @@ def test_backward_counts_beyond_int32(tmp_path):
     count = torch.tensor(3.0e9, dtype=torch.float64)  # > 2^31
     sums = torch.randn(2, 4, generator=gen) * 1e9
     # One rank: its shares of the means are the means the all-reduce would return.
-    means = sbfunction._shares_of_means(sums[0], sums[1], count, False).view(2, -1)
+    means = stepwise._shares_of_means(sums[0], sums[1], count, False).view(2, -1)
     got = fused.grad_input(dy, x, mean, invstd, weight, means)
     a = (weight * invstd).view(1, -1, 1, 1)
     expected = a * (

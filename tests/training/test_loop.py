@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import syncbn.function
+import syncbn.stepwise
 from syncbn.training import data, loop, parts
 from syncbn.training.lifecycle.env import DistEnv
 from syncbn.training.models import build_model
@@ -38,7 +38,7 @@ def _train(tmp_path, *overrides: str) -> dict:
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
-LIBRARY_CPU_PATH = str(Path(syncbn.function.__file__))
+LIBRARY_CPU_PATH = str(Path(syncbn.stepwise.__file__))  # its CPU path reads counts on the host
 
 
 @contextlib.contextmanager
