@@ -69,10 +69,26 @@ def test_resume_policy_refuses_what_defines_the_run_and_lets_the_rest_take_effec
 def test_eval_only_refuses_only_another_model():
     saved = _config()
     resume_policy.check("ck.pt", saved, _config(norm__name="bn", seed=3), eval_only=True)
-    with pytest.raises(ConfigError, match="norm.name"):
-        resume_policy.check("ck.pt", saved, _config(norm__name="none"), eval_only=True)
     with pytest.raises(ConfigError, match="model.widths"):
         resume_policy.check("ck.pt", saved, _config(model__widths=[8]), eval_only=True)
+
+
+@pytest.mark.parametrize(("saved", "now"), [("syncbn", "bn"), ("bn", "syncbn")])
+def test_eval_only_loads_batchnorm_and_syncbn_checkpoints_into_each_other(saved, now):
+    assert resume_policy.check(
+        "ck.pt", _config(norm__name=saved), _config(norm__name=now), eval_only=True
+    ) == {"norm.name": (saved, now)}
+
+
+@pytest.mark.parametrize(
+    ("saved", "now"), [("syncbn", "none"), ("bn", "none"), ("none", "syncbn"), ("none", "bn")]
+)
+def test_eval_only_refuses_a_change_to_or_from_norm_none_either_way(saved, now):
+    """A norm=none model has no norm parameters: it is another model in both directions."""
+    with pytest.raises(ConfigError, match=rf"norm.name: checkpoint '{saved}', now '{now}'"):
+        resume_policy.check(
+            "ck.pt", _config(norm__name=saved), _config(norm__name=now), eval_only=True
+        )
 
 
 def test_a_changed_global_batch_is_a_warning_that_says_what_syncbn_normalizes_over():
@@ -81,6 +97,26 @@ def test_a_changed_global_batch_is_a_warning_that_says_what_syncbn_normalizes_ov
     message = resume_policy.warn_if_batch_changed(saved, 3, 32, "syncbn", None)
     assert "from 64 (2 ranks x 32) to 96 (3 ranks x 32)" in message
     assert "SyncBatchNorm now normalizes over 96 samples per layer instead of 64" in message
+
+
+def test_a_changed_sync_group_is_a_warning_with_the_group_s_batch():
+    """norm.group_size sets what SyncBN normalizes over: 4 ranks in groups of 2 normalize over
+    64 samples, in one group over 128, though the global batch stays 4 x 32."""
+    grouped = {"world_size": 4, "config": _config(norm__group_size=2)}
+    assert resume_policy.warn_if_batch_changed(grouped, 4, 32, "syncbn", 2) is None
+    message = resume_policy.warn_if_batch_changed(grouped, 4, 32, "syncbn", None)
+    assert (
+        message
+        == (
+            "resume: SyncBatchNorm now normalizes over 128 samples per layer instead of 64 "
+            "(norm.group_size 2 -> null)"
+        )
+    )  # and not that the global batch changed: 128 samples before and after  # it did not: 128 samples before and after
+    message = resume_policy.warn_if_batch_changed(grouped, 8, 32, "syncbn", 2)
+    assert "from 128 (4 ranks x 32) to 256 (8 ranks x 32)" in message
+    assert "SyncBatchNorm" not in message  # still groups of 2 ranks x 32: 64 samples per layer
+    whole = {"world_size": 2, "config": _config()}
+    assert resume_policy.warn_if_batch_changed(whole, 2, 32, "syncbn", 2) is None  # the same
 
 
 def test_progress_in_samples_trains_the_epochs_asked_for_on_any_world_size():
