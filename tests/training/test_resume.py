@@ -105,13 +105,9 @@ def test_a_changed_sync_group_is_a_warning_with_the_group_s_batch():
     grouped = {"world_size": 4, "config": _config(norm__group_size=2)}
     assert resume_policy.warn_if_batch_changed(grouped, 4, 32, "syncbn", 2) is None
     message = resume_policy.warn_if_batch_changed(grouped, 4, 32, "syncbn", None)
-    assert (
-        message
-        == (
-            "resume: SyncBatchNorm now normalizes over 128 samples per layer instead of 64 "
-            "(norm.group_size 2 -> null)"
-        )
-    )  # and not that the global batch changed: 128 samples before and after  # it did not: 128 samples before and after
+    expected = "SyncBatchNorm now normalizes over 128 samples per layer instead of 64"
+    # and not that the global batch changed: 4 x 32 before and after
+    assert message == f"resume: {expected} (norm.group_size 2 -> null)"
     message = resume_policy.warn_if_batch_changed(grouped, 8, 32, "syncbn", 2)
     assert "from 128 (4 ranks x 32) to 256 (8 ranks x 32)" in message
     assert "SyncBatchNorm" not in message  # still groups of 2 ranks x 32: 64 samples per layer
