@@ -128,6 +128,30 @@ def test_progress_in_samples_trains_the_epochs_asked_for_on_any_world_size():
     assert progress.total_samples(trainer, stopped, N_TRAIN, 96) == 40 * 64
 
 
+def test_max_steps_finishes_on_samples_of_the_first_launch_s_global_batch_not_on_steps():
+    """max_steps=30 of 2 ranks x 32 is 1,920 samples: 15 steps on 2 ranks then 15 on 1 rank
+    are 1,440 of them (30 steps, not finished); 15 more steps on 1 rank finish it, exactly."""
+    trainer = type("T", (), {"max_steps": 30, "epochs": 1})
+    state = RunState(reference_global_batch=64)
+    for global_batch, steps in ((64, 15), (32, 15)):
+        for _ in range(steps):
+            assert not progress.finished(trainer, state)
+            state.step, state.samples = state.step + 1, state.samples + global_batch
+    assert (state.step, state.samples) == (30, 1440)
+    for _ in range(15):
+        assert not progress.finished(trainer, state)
+        state.step, state.samples = state.step + 1, state.samples + 32
+    assert state.samples == 1920 and progress.finished(trainer, state)
+    state.samples -= 1  # one sample short of the plan
+    assert not progress.finished(trainer, state)
+
+
+def test_epochs_finish_on_completed_passes_not_on_steps_or_samples():
+    trainer = type("T", (), {"max_steps": None, "epochs": 2})
+    assert not progress.finished(trainer, RunState(64, epoch=1, epoch_offset=1408, samples=2816))
+    assert progress.finished(trainer, RunState(64, epoch=2, samples=2816, step=1))
+
+
 def test_epoch_shards_continue_one_permutation_from_any_offset_on_any_world_size():
     whole = EpochShard(N_TRAIN, 0, 1, 64, seed=2, epoch=1).indices
     for ranks, batch in ((2, 32), (3, 32), (1, 32)):
