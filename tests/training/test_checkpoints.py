@@ -144,7 +144,13 @@ def test_manager_keeps_last_k_step_files_and_last_pt_is_the_newest(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("metric", "values", "best_step"), [("acc", [0.5, 0.9, 0.7], 20), ("loss", [0.5, 0.2, 0.3], 20)]
+    ("metric", "values", "best_step"),
+    [
+        ("acc", [0.5, 0.9, 0.7], 20),
+        ("top5", [0.5, 0.9, 0.7], 20),
+        ("miou", [0.3, 0.6, 0.4], 20),
+        ("loss", [0.5, 0.2, 0.3], 20),
+    ],
 )
 def test_manager_keeps_the_best_checkpoint_by_metric(tmp_path, metric, values, best_step):
     manager = CheckpointManager(tmp_path, keep_last=1, best_metric=metric, writer=True)
@@ -159,6 +165,18 @@ def test_manager_keeps_the_best_checkpoint_by_metric(tmp_path, metric, values, b
     assert saved["step"] == best_step == best["step"]
     assert [p.name for p in manager.step_files()] == ["step-00000030.pt"]  # best.pt kept its data
     assert not manager.improved({metric: float("nan")}, best)
+
+
+@pytest.mark.parametrize("metric", ["acc", "top5", "miou", "loss"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), float("inf")])
+def test_a_non_finite_validation_metric_never_becomes_best(tmp_path, metric, bad):
+    """NaN, -inf and inf are never the best, as the first evaluation or after a finite best
+    (-inf would beat any loss, inf any accuracy, by comparison alone)."""
+    manager = CheckpointManager(tmp_path, keep_last=1, best_metric=metric, writer=True)
+    assert not manager.improved({metric: bad}, None)
+    for value in (0.5, 1e9, -1e9):
+        assert not manager.improved({metric: bad}, {"metric": metric, "value": value, "step": 1})
+    assert manager.improved({metric: 0.5}, None)  # a finite first evaluation is the best so far
 
 
 def test_a_model_with_nan_is_never_written_over_a_good_checkpoint(tmp_path):

@@ -3,12 +3,18 @@ work with one message naming the key (Hydra for types and choices, config.checks
 
 from __future__ import annotations
 
+import copy
+import functools
+import math
+import re
 import subprocess
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from syncbn.training.config import reference, schema, validate
+from syncbn.training.config import checks, reference, schema, validate
 from syncbn.training.errors import ConfigError
 from tests.support.config import compose_config, composition_error
 from tests.support.launch import ROOT, command, env
@@ -172,15 +178,260 @@ def test_docs_training_md_key_reference_is_generated_from_the_current_schema_and
                 assert f"| `{group}.{f.name}` |" in text, f"{group}.{f.name}"
 
 
+# ------------------------------------------------------------------------ range boundaries
+
+
+@functools.cache
+def _composed(*overrides: str):
+    return compose_config(*overrides)
+
+
+def _with(key: str, value, *overrides: str):
+    """The real config (composed once per ``overrides``) with ``key`` set to ``value``."""
+    cfg = copy.deepcopy(_composed(*overrides))
+    OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _rejections(cfg, world_size: int = 2) -> str:
+    """What validate() says about ``cfg``: its ConfigError's message, "" when all is well."""
+    try:
+        validate(cfg, world_size=world_size, cuda=False)
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+def below(x: float) -> float:
+    return math.nextafter(x, -math.inf)
+
+
+def above(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+# Each bound :func:`schema.key` can declare, at its boundary: (value, accepted).
+SCHEMA_BOUNDARIES = {
+    schema.POSITIVE: [(-1, False), (0, False), (1, True)],
+    schema.POSITIVE_OR_NULL: [(-1, False), (0, False), (1, True), (None, True)],
+}
+
+
+def _schema_groups():
+    """(group, schema class, the overrides composing a config that uses it) for every group."""
+    yield "task", schema.TaskConfig, ()
+    for (group, name), cls in schema.GROUPS.items():
+        choice = name.removeprefix("schema_")
+        if group != "data":
+            yield group, cls, ()
+        elif choice == "digit_scenes":  # the segmentation task's data
+            yield group, cls, ("task=segmentation",)
+        else:
+            yield group, cls, (f"data={choice}",)
+
+
 RANGED = [
-    (f"{group}.{f.name}", f.metadata["range"])
-    for group, cls in (("trainer", schema.TrainerConfig), ("loader", schema.LoaderConfig))
+    (f"{group}.{f.name}", f.metadata["range"], overrides)
+    for group, cls, overrides in _schema_groups()
     for f in fields(cls)
     if f.metadata["range"]
 ]
+SCHEMA_CASES = [
+    pytest.param(key, bound, value, accepted, overrides, id=f"{key}={value}")
+    for key, bound, overrides in dict.fromkeys(RANGED)
+    for value, accepted in SCHEMA_BOUNDARIES[bound]
+]
 
 
-@pytest.mark.parametrize(("key", "bound"), RANGED, ids=[k for k, _ in RANGED])
-def test_every_range_the_schema_states_is_checked(key, bound):
-    with pytest.raises(ConfigError, match=rf"{key} expected {bound} \(got 0\)"):
-        validate(compose_config(f"{key}=0"), world_size=1, cuda=False)
+def test_every_bound_the_schema_can_declare_has_boundary_cases():
+    assert set(schema.RANGES) <= set(SCHEMA_BOUNDARIES), "add its boundary values above"
+    assert {bound for _, bound, _ in RANGED} == set(schema.RANGES)  # all in use, all tested
+
+
+@pytest.mark.parametrize(("key", "bound", "value", "accepted", "overrides"), SCHEMA_CASES)
+def test_every_range_the_schema_states_is_checked_at_its_boundary(
+    key, bound, value, accepted, overrides
+):
+    """Generated from the schema: a key declared with a bound gets these cases for free."""
+    said = _rejections(_with(key, value, *overrides))
+    if accepted:
+        assert f"{key} expected" not in said, said
+    else:
+        assert re.search(rf"{re.escape(key)} expected {re.escape(bound)} \(got {value}\)", said)
+
+
+def _pair(low, high) -> list:
+    return [low, high]
+
+
+# The ranges config/checks.py checks by hand (their own message and fix), at their boundaries:
+# (key, [(value, accepted), ...], the overrides composing a config that has the key).
+SEG = ("task=segmentation",)
+FOLDER = ("data=imagefolder", "data.root=/somewhere")
+SYNTH = ("data=synthetic",)
+SECONDS = [(below(0.0), False), (0.0, False), (above(0.0), True), (math.inf, False)]
+HAND_RANGES = [
+    ("trainer.epochs", [(-1, False), (0, False), (1, True)], ()),
+    ("trainer.max_steps", [(-1, False), (0, False), (1, True), (None, True)], ()),
+    ("trainer.grad_clip", [*SECONDS, (None, True)], ()),
+    (
+        "optim.lr",
+        [
+            (below(0.0), False),
+            (0.0, False),
+            (above(0.0), True),
+            (math.inf, False),
+            (math.nan, False),
+        ],
+        (),
+    ),
+    ("optim.weight_decay", [(below(0.0), False), (0.0, True), (math.inf, False)], ()),
+    ("optim.momentum", [(below(0.0), False), (0.0, True), (below(1.0), True), (1.0, False)], ()),
+    (
+        "optim.betas",
+        [
+            (_pair(below(0.0), 0.9), False),
+            (_pair(0.0, 0.0), True),
+            (_pair(0.9, below(1.0)), True),
+            (_pair(0.9, 1.0), False),
+            (_pair(1.0, 0.9), False),
+            ([0.9], False),
+        ],
+        (),
+    ),
+    ("optim.warmup_steps", [(-1, False), (0, True)], ()),
+    (
+        "optim.min_lr_ratio",
+        [(below(0.0), False), (0.0, True), (1.0, True), (above(1.0), False)],
+        (),
+    ),
+    (
+        "task.label_smoothing",
+        [(below(0.0), False), (0.0, True), (below(1.0), True), (1.0, False)],
+        (),
+    ),
+    (
+        "data.val_fraction",
+        [(0.0, False), (above(0.0), True), (below(1.0), True), (1.0, False)],
+        (),
+    ),
+    ("data.augment_shift", [(-1, False), (0, True)], ()),
+    *[
+        (f"data.{k}", [(-1, False), (0, False), (1, True)], SYNTH)
+        for k in ("num_samples", "image_size", "channels")
+    ],
+    ("data.num_classes", [(1, False), (2, True)], SYNTH),
+    *[
+        (f"data.{k}", [(-1, False), (0, False), (1, True)], SEG)
+        for k in ("canvas", "num_train", "num_val")
+    ],
+    ("data.pad", [(-1, False), (0, True)], FOLDER),
+    (
+        "data.scale",
+        [
+            (_pair(0.0, 1.0), False),
+            (_pair(above(0.0), 1.0), True),
+            (_pair(0.5, below(0.5)), False),
+            (_pair(0.5, 0.5), True),
+            (_pair(0.5, above(1.0)), False),
+        ],
+        FOLDER,
+    ),
+    (
+        "data.ratio",
+        [
+            (_pair(0.0, 1.0), False),
+            (_pair(above(0.0), 1.0), True),
+            (_pair(2.0, below(2.0)), False),
+            (_pair(2.0, 2.0), True),
+        ],
+        FOLDER,
+    ),
+    (
+        "data.resize_ratio",
+        [(0.0, False), (above(0.0), True), (1.0, True), (above(1.0), False)],
+        FOLDER,
+    ),
+    (
+        "data.std",
+        [([below(0.0), 1.0, 1.0], False), ([0.0, 1.0, 1.0], False), ([above(0.0), 1.0, 1.0], True)],
+        FOLDER,
+    ),
+    (
+        "data.digits_per_image",
+        [(_pair(0, 1), False), (_pair(1, 1), True), (_pair(2, 1), False)],
+        SEG,
+    ),
+    # the 64-pixel canvas holds 8 x 8-pixel digits: scale 8, not 9
+    (
+        "data.digit_scale",
+        [
+            (_pair(0, 1), False),
+            (_pair(1, 1), True),
+            (_pair(2, 1), False),
+            (_pair(1, 8), True),
+            (_pair(1, 9), False),
+        ],
+        SEG,
+    ),
+    (
+        "data.rim",
+        [
+            (_pair(0.0, 3.0), False),
+            (_pair(above(0.0), 3.0), True),
+            (_pair(8.0, below(8.0)), False),
+            (_pair(8.0, 8.0), True),
+        ],
+        SEG,
+    ),
+    ("model.widths", [([], False), ([0], False), ([1], True), ([1, 0], False)], ()),
+    ("model.blocks_per_stage", [(-1, False), (0, False), (1, True)], ()),
+    ("model.init_scale", [(0.0, False), (above(0.0), True), (math.inf, False)], ()),
+    ("loader.workers", [(-1, False), (0, True)], ()),
+    ("dist.timeout_s", SECONDS, ()),
+    ("dist.orphan_grace_s", SECONDS, ()),
+    ("logger.init_timeout_s", SECONDS, ()),
+    # online on 2 ranks: below dist.timeout_s (300), not at it
+    (
+        "logger.init_timeout_s",
+        [(below(300.0), True), (300.0, False)],
+        ("logger.mode=online", "dist.timeout_s=300"),
+    ),
+    # a divisor of the world size, 2
+    (
+        "norm.group_size",
+        [(-1, False), (0, False), (1, True), (2, True), (3, False), (4, False), (None, True)],
+        (),
+    ),
+]
+HAND_CASES = [
+    pytest.param(key, value, accepted, overrides, id=f"{key}={value}")
+    for key, cases, overrides in HAND_RANGES
+    for value, accepted in cases
+]
+
+
+@pytest.mark.parametrize(("key", "value", "accepted", "overrides"), HAND_CASES)
+def test_every_hand_written_range_check_holds_at_its_boundary(key, value, accepted, overrides):
+    said = _rejections(_with(key, value, *overrides))
+    assert (f"{key} expected" not in said) == accepted, said or "accepted"
+
+
+# The keys config/checks.py names in a message that are not ranges (choices, paths, pairs of keys).
+NOT_RANGES = {"trainer.resume", "trainer.eval_only", "trainer.accumulate", "dist.backend",
+              "dist.init_method", "model._target_", "task.ignore_index", "data.mean"}  # fmt: skip
+
+
+def test_every_key_checks_py_names_has_boundary_cases():
+    """A new hand-written check gets a row in HAND_RANGES (or NOT_RANGES), so its boundary is
+    tested too. Keys are read from the messages, and from the ``for key in (...)`` loops."""
+    source = Path(checks.__file__).read_text()
+    named = set(re.findall(r'"([a-z]+\.[a-z_]+)(?:=\w+)? expected', source))
+    named |= set(re.findall(r'\("([a-z]+\.[a-z_]+)", ', source))  # ("dist.timeout_s", value)
+    loops = re.findall(r'for key in \(([^)]*)\):\n.*?"([a-z]+)\.\{key\}', source, flags=re.S)
+    for keys, group in loops:  # for key in ("num_samples", ...): ... f"data.{key} expected"
+        named |= {f"{group}.{k}" for k in re.findall(r'"(\w+)"', keys)}
+    hand = {key for key, _, _ in HAND_RANGES}
+    schema_ranged = {key for key, _, _ in RANGED}
+    assert len(named) > 30, sorted(named)  # the patterns still read checks.py
+    assert named - hand - schema_ranged - NOT_RANGES == set()

@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,9 +18,12 @@ import torch.nn.functional as F
 
 import syncbn.stepwise
 from syncbn.training import data, loop, parts
+from syncbn.training.lifecycle import exit_codes
 from syncbn.training.lifecycle.env import DistEnv
 from syncbn.training.models import build_model
 from syncbn.training.state import checkpoint
+from syncbn.training.state.manager import CheckpointManager
+from syncbn.training.state.progress import RunState
 from syncbn.training.steplog import StepLog
 from tests.support.config import compose_config
 
@@ -131,6 +135,41 @@ def test_the_step_log_gives_global_means_and_any_rank_s_stop_request(run_ranks):
         assert [r.step for r in records] == [1, 2] and [r.lr for r in records] == [0.5, 0.4]
         assert records[0].loss == pytest.approx((2.0 + 3.0) / (2 + 3))
         assert records[1].loss == float("inf") and not records[1].finite
+
+
+LIMIT = 3  # trainer.max_consecutive_skips in the skip tests
+
+
+def _synced_steps(tmp_path, losses: list[float], sync_every: int = 2) -> SimpleNamespace:
+    """Steps with these global losses (non-finite ones skipped on the device) through the loop's
+    sync points, ``nonfinite=skip`` and ``max_consecutive_skips=LIMIT``; where the run stopped."""
+    cfg = _cfg(tmp_path, "trainer.nonfinite=skip", f"trainer.max_consecutive_skips={LIMIT}")
+    parts_ = SimpleNamespace(cfg=cfg, env=CPU, ckpts=CheckpointManager(tmp_path, 1, None, True))
+    logger = SimpleNamespace(log=lambda *args, **kwargs: None)
+    steps = StepLog(sync_every, CPU.device)
+    r = parts.Run(parts_, RunState(reference_global_batch=8), steps, logger, 8 * len(losses))
+    for step, loss in enumerate(losses, 1):
+        r.state.step = step
+        r.steps.record(step, 0.1, loss, 1, float(loss != loss or abs(loss) == float("inf")))
+        if r.steps.full or step == len(losses):
+            code = loop._sync(r, SimpleNamespace(requested=False))
+            if code is not None:
+                return SimpleNamespace(code=code, at=step, first=r.nonfinite_step,
+                                       skipped=r.state.skipped_steps)  # fmt: skip
+    return SimpleNamespace(code=None, at=None, first=None, skipped=r.state.skipped_steps)
+
+
+def test_nonfinite_skip_goes_on_after_max_consecutive_skips_and_stops_after_one_more(tmp_path):
+    """LIMIT non-finite steps in a row are skipped (across sync points); LIMIT + 1 stop the run
+    (exit 65) at the sync that reads the one too many, naming the streak's first step."""
+    nan = float("nan")
+    at_limit = _synced_steps(tmp_path, [1.0, *[nan] * LIMIT, 1.0, 1.0])
+    assert at_limit.code is None and at_limit.skipped == [2, 3, 4]
+    over = _synced_steps(tmp_path, [1.0, *[nan] * (LIMIT + 1), 1.0, 1.0])
+    assert (over.code, over.at, over.first) == (exit_codes.NONFINITE, 6, 2)
+    assert over.skipped == [2, 3, 4]  # the one too many is not a skip the run went on after
+    broken = _synced_steps(tmp_path, [nan] * LIMIT + [1.0] + [float("-inf")] * LIMIT)
+    assert broken.code is None  # a finite step ends a streak
 
 
 def test_losses_are_read_every_sync_every_steps_and_before_evaluations(tmp_path, monkeypatch):

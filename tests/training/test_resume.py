@@ -69,10 +69,26 @@ def test_resume_policy_refuses_what_defines_the_run_and_lets_the_rest_take_effec
 def test_eval_only_refuses_only_another_model():
     saved = _config()
     resume_policy.check("ck.pt", saved, _config(norm__name="bn", seed=3), eval_only=True)
-    with pytest.raises(ConfigError, match="norm.name"):
-        resume_policy.check("ck.pt", saved, _config(norm__name="none"), eval_only=True)
     with pytest.raises(ConfigError, match="model.widths"):
         resume_policy.check("ck.pt", saved, _config(model__widths=[8]), eval_only=True)
+
+
+@pytest.mark.parametrize(("saved", "now"), [("syncbn", "bn"), ("bn", "syncbn")])
+def test_eval_only_loads_batchnorm_and_syncbn_checkpoints_into_each_other(saved, now):
+    assert resume_policy.check(
+        "ck.pt", _config(norm__name=saved), _config(norm__name=now), eval_only=True
+    ) == {"norm.name": (saved, now)}
+
+
+@pytest.mark.parametrize(
+    ("saved", "now"), [("syncbn", "none"), ("bn", "none"), ("none", "syncbn"), ("none", "bn")]
+)
+def test_eval_only_refuses_a_change_to_or_from_norm_none_either_way(saved, now):
+    """A norm=none model has no norm parameters: it is another model in both directions."""
+    with pytest.raises(ConfigError, match=rf"norm.name: checkpoint '{saved}', now '{now}'"):
+        resume_policy.check(
+            "ck.pt", _config(norm__name=saved), _config(norm__name=now), eval_only=True
+        )
 
 
 def test_a_changed_global_batch_is_a_warning_that_says_what_syncbn_normalizes_over():
@@ -81,6 +97,22 @@ def test_a_changed_global_batch_is_a_warning_that_says_what_syncbn_normalizes_ov
     message = resume_policy.warn_if_batch_changed(saved, 3, 32, "syncbn", None)
     assert "from 64 (2 ranks x 32) to 96 (3 ranks x 32)" in message
     assert "SyncBatchNorm now normalizes over 96 samples per layer instead of 64" in message
+
+
+def test_a_changed_sync_group_is_a_warning_with_the_group_s_batch():
+    """norm.group_size sets what SyncBN normalizes over: 4 ranks in groups of 2 normalize over
+    64 samples, in one group over 128, though the global batch stays 4 x 32."""
+    grouped = {"world_size": 4, "config": _config(norm__group_size=2)}
+    assert resume_policy.warn_if_batch_changed(grouped, 4, 32, "syncbn", 2) is None
+    message = resume_policy.warn_if_batch_changed(grouped, 4, 32, "syncbn", None)
+    expected = "SyncBatchNorm now normalizes over 128 samples per layer instead of 64"
+    # and not that the global batch changed: 4 x 32 before and after
+    assert message == f"resume: {expected} (norm.group_size 2 -> null)"
+    message = resume_policy.warn_if_batch_changed(grouped, 8, 32, "syncbn", 2)
+    assert "from 128 (4 ranks x 32) to 256 (8 ranks x 32)" in message
+    assert "SyncBatchNorm" not in message  # still groups of 2 ranks x 32: 64 samples per layer
+    whole = {"world_size": 2, "config": _config()}
+    assert resume_policy.warn_if_batch_changed(whole, 2, 32, "syncbn", 2) is None  # the same
 
 
 def test_progress_in_samples_trains_the_epochs_asked_for_on_any_world_size():
@@ -94,6 +126,30 @@ def test_progress_in_samples_trains_the_epochs_asked_for_on_any_world_size():
         assert 2 * (N_TRAIN - g) < total <= 2 * N_TRAIN  # two passes, less the dropped tails
     trainer.max_steps = 40  # counted in the first launch's global batch of 64
     assert progress.total_samples(trainer, stopped, N_TRAIN, 96) == 40 * 64
+
+
+def test_max_steps_finishes_on_samples_of_the_first_launch_s_global_batch_not_on_steps():
+    """max_steps=30 of 2 ranks x 32 is 1,920 samples: 15 steps on 2 ranks then 15 on 1 rank
+    are 1,440 of them (30 steps, not finished); 15 more steps on 1 rank finish it, exactly."""
+    trainer = type("T", (), {"max_steps": 30, "epochs": 1})
+    state = RunState(reference_global_batch=64)
+    for global_batch, steps in ((64, 15), (32, 15)):
+        for _ in range(steps):
+            assert not progress.finished(trainer, state)
+            state.step, state.samples = state.step + 1, state.samples + global_batch
+    assert (state.step, state.samples) == (30, 1440)
+    for _ in range(15):
+        assert not progress.finished(trainer, state)
+        state.step, state.samples = state.step + 1, state.samples + 32
+    assert state.samples == 1920 and progress.finished(trainer, state)
+    state.samples -= 1  # one sample short of the plan
+    assert not progress.finished(trainer, state)
+
+
+def test_epochs_finish_on_completed_passes_not_on_steps_or_samples():
+    trainer = type("T", (), {"max_steps": None, "epochs": 2})
+    assert not progress.finished(trainer, RunState(64, epoch=1, epoch_offset=1408, samples=2816))
+    assert progress.finished(trainer, RunState(64, epoch=2, samples=2816, step=1))
 
 
 def test_epoch_shards_continue_one_permutation_from_any_offset_on_any_world_size():

@@ -91,32 +91,47 @@ def check(
 
 def warn_if_batch_changed(saved: dict[str, Any], world_size: int, batch_size: int, norm: str,
                           group_size: int | None) -> str | None:  # fmt: skip
-    """A warning (logged, and returned) when the global or the normalization batch changed."""
+    """A warning (logged, and returned) when the global batch or the batch SyncBN normalizes
+    over (``norm.group_size`` ranks, all when null, x ``trainer.batch_size``) changed."""
     old_world = saved.get("world_size")
     old_config = saved.get("config") or {}
     old_batch = (old_config.get("trainer") or {}).get("batch_size")
     old_group = (old_config.get("norm") or {}).get("group_size")
     if old_world is None or old_batch is None:
         return None
-    if (old_world, old_batch, old_group) == (world_size, batch_size, group_size):
-        return None
-    message = (
-        f"resume: the global batch changed from {old_world * old_batch} ({old_world} ranks x "
-        f"{old_batch}) to {world_size * batch_size} ({world_size} ranks x {batch_size})"
-    )
-    if norm == "syncbn":
-        message += (
-            f"; SyncBatchNorm now normalizes over {(group_size or world_size) * batch_size} "
-            f"samples per layer instead of {(old_group or old_world) * old_batch}"
+    said = []
+    global_changed = (old_world, old_batch) != (world_size, batch_size)
+    if global_changed:
+        said.append(
+            f"the global batch changed from {old_world * old_batch} ({old_world} ranks x "
+            f"{old_batch}) to {world_size * batch_size} ({world_size} ranks x {batch_size})"
         )
-    elif norm == "bn":
-        message += f"; BatchNorm normalizes over each rank's {batch_size} samples"
-    message += (
-        ". Progress is counted in samples: the run trains the epochs (or max_steps x the first "
-        "launch's global batch in samples) it was asked for"
-    )
+    old_sync = (old_group or old_world) * old_batch  # a sync group's ranks x batch_size
+    new_sync = (group_size or world_size) * batch_size
+    if norm == "syncbn" and old_sync != new_sync:
+        why = ""
+        if old_group != group_size:
+            why = f" (norm.group_size {_yaml(old_group)} -> {_yaml(group_size)})"
+        said.append(
+            f"SyncBatchNorm now normalizes over {new_sync} samples per layer instead of "
+            f"{old_sync}{why}"
+        )
+    elif norm == "bn" and global_changed:
+        said.append(f"BatchNorm normalizes over each rank's {batch_size} samples")
+    if not said:
+        return None
+    message = "resume: " + "; ".join(said)
+    if global_changed:
+        message += (
+            ". Progress is counted in samples: the run trains the epochs (or max_steps x the "
+            "first launch's global batch in samples) it was asked for"
+        )
     log.warning(message)
     return message
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
