@@ -114,6 +114,7 @@ def _resume(parts: Parts, path: Path) -> RunState:
         resume_policy.warn_if_batch_changed(
             saved, env.world_size, cfg.trainer.batch_size, str(cfg.norm.name), cfg.norm.group_size
         )
+    checkpoint.check_fits(path, parts.model, saved["model"])
     parts.model.load_state_dict(saved["model"])
     parts.optimizer.load_state_dict(saved["optimizer"])
     optim.apply_hparams(parts.optimizer, cfg.optim)  # the config's values, not the checkpoint's
