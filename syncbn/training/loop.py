@@ -26,6 +26,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+import syncbn
+
 from . import data, optim, report
 from .config import validate
 from .errors import ConfigError
@@ -317,7 +319,13 @@ def _sync(r: Run, stop: StopRequest) -> int | None:
     finite gradients that overflowed, which ``skip`` cannot undo), and, when any rank was asked
     to stop (SIGTERM/SIGUSR1: the flag rides in the same all-reduce), checkpoints and preempts.
     Returns the exit code to stop with, or None to go on. Every rank calls it at the same steps.
+    First raises the error of a SyncBN check that failed on the device since the last sync
+    (:func:`syncbn.raise_device_errors`: the layer's name, as on CPU).
     """
+    # A SyncBN check that failed on the device (Triton kernels: ranks at different layers) left
+    # NaN outputs and a flag: raise its error naming the layer, before that NaN reads as a
+    # non-finite step. Every rank of the layer's group saw the same failure, so all raise.
+    syncbn.raise_device_errors(r.parts.env.device)
     parameters = r.parts.model.parameters()
     records, stop_all = r.steps.read(r.parts.env.world_size, stop.requested, parameters)
     for record in records:
