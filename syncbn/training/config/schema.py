@@ -99,6 +99,11 @@ class Augment(Choice):
     none = "none"
 
 
+class BadImages(Choice):
+    error = "error"  # stop, naming the file
+    skip = "skip"  # use the next image instead, with a warning naming the file (counted)
+
+
 class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"  # torch.autocast(dtype=torch.bfloat16): CUDA and CPU
@@ -187,6 +192,10 @@ class ImageFolderConfig:
     )
     mean: list[float] = key("per-channel normalization (ImageNet's; use your data's)")
     std: list[float] = key("per-channel normalization")
+    bad_images: BadImages = key(
+        "a file Pillow cannot decode: error (stop, naming it) | skip (the next image instead, "
+        "logged and counted)",
+    )
 
 
 @dataclass
