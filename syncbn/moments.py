@@ -63,13 +63,13 @@ ONE_VALUE_MESSAGE = (
     "training (got {count}); use a larger batch, sync over more ranks, or call .eval()"
 )
 MIXED_LAYERS_MESSAGE = (
-    "SyncBatchNorm layer {name!r} expected every rank of its group in this layer (got a "
-    "different SyncBatchNorm layer of the same width on another rank, whose statistics would "
-    "have been mixed into this one's). Ranks must run SyncBN layers in the same order and the "
-    "same number of times; rerun with SYNCBN_DEBUG=1 to see each rank's layer. Layers built "
-    "outside convert_sync_batchnorm are named SyncBatchNorm#k in construction order per "
-    "process: if ranks built different numbers of them, name them by their path in the model "
-    "with syncbn.convert_sync_batchnorm(model)"
+    "SyncBatchNorm layer {name!r} expected every rank of its group in this layer (got another "
+    "rank at a different SyncBatchNorm layer, or at this one with another number of channels, "
+    "whose statistics would have been mixed into this one's). Ranks must run SyncBN layers in "
+    "the same order and the same number of times; rerun with SYNCBN_DEBUG=1 to see each "
+    "rank's layer. Layers built outside convert_sync_batchnorm are named SyncBatchNorm#k in "
+    "construction order per process: if ranks built different numbers of them, name them by "
+    "their path in the model with syncbn.convert_sync_batchnorm(model)"
 )
 
 

@@ -75,6 +75,7 @@ def eval_only(cfg, env: DistEnv) -> RunResult:
     splits = data.load(cfg.data, augment=False)
     task = tasks.build(cfg.task, splits)
     model = model_on_device(cfg, splits, env)
+    checkpoint.check_fits(path, model, saved["model"])
     model.load_state_dict(saved["model"])
     loader = eval_loader(cfg, env, splits.val)
     val = evaluate(model, loader, env, task, cfg)  # SyncBN in eval mode: no collective

@@ -26,11 +26,14 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+import syncbn
+
 from . import data, optim, report
 from .config import validate
+from .errors import ConfigError
 from .evaluate import eval_only, evaluate_run, evaluate_train_split
 from .lifecycle import exit_codes
-from .lifecycle.env import DistEnv, setup, teardown
+from .lifecycle.env import DistEnv, rank_from_env, setup, teardown
 from .lifecycle.orphan import under_torchrun, watch_parent
 from .lifecycle.preemption import StopRequest
 from .parts import Parts, Run, autocast, build, to_device
@@ -46,9 +49,19 @@ log = logging.getLogger(__name__)
 def run(cfg) -> RunResult:
     """Train (or, with ``trainer.eval_only``, evaluate) as ``cfg`` says, on every rank.
 
-    Raises :class:`~syncbn.training.errors.ConfigError` for a bad configuration; other outcomes
-    are exit codes.
+    Raises :class:`~syncbn.training.errors.ConfigError` for a bad configuration (rank 0 first
+    records it in ``run_dir/status.json``: a wrapper never reads an earlier run's state); other
+    outcomes are exit codes.
     """
+    try:
+        return _run(cfg)
+    except ConfigError as error:
+        if rank_from_env() == 0:
+            exit_codes.write_config_error(cfg.run_dir, error)
+        raise
+
+
+def _run(cfg) -> RunResult:
     validate(cfg)
     if under_torchrun():
         watch_parent(cfg.dist.orphan_grace_s)  # exit when the torchrun agent dies
@@ -103,6 +116,7 @@ def _resume(parts: Parts, path: Path) -> RunState:
         resume_policy.warn_if_batch_changed(
             saved, env.world_size, cfg.trainer.batch_size, str(cfg.norm.name), cfg.norm.group_size
         )
+    checkpoint.check_fits(path, parts.model, saved["model"])
     parts.model.load_state_dict(saved["model"])
     parts.optimizer.load_state_dict(saved["optimizer"])
     optim.apply_hparams(parts.optimizer, cfg.optim)  # the config's values, not the checkpoint's
@@ -301,13 +315,25 @@ def _sync(r: Run, stop: StopRequest) -> int | None:
     """Read the steps since the last sync (one all-reduce, one host read) and act on them.
 
     Records each step's global loss, logs it every ``trainer.log_every`` steps, stops on
-    non-finite steps as ``trainer.nonfinite`` says, and, when any rank was asked to stop
-    (SIGTERM/SIGUSR1: the flag rides in the same all-reduce), checkpoints and preempts. Returns
-    the exit code to stop with, or None to go on. Every rank calls it at the same steps.
+    non-finite steps as ``trainer.nonfinite`` says and on non-finite parameters (an update of
+    finite gradients that overflowed, which ``skip`` cannot undo), and, when any rank was asked
+    to stop (SIGTERM/SIGUSR1: the flag rides in the same all-reduce), checkpoints and preempts.
+    Returns the exit code to stop with, or None to go on. Every rank calls it at the same steps.
+    First raises the error of a SyncBN check that failed on the device since the last sync
+    (:func:`syncbn.raise_device_errors`: the layer's name, as on CPU).
     """
-    records, stop_all = r.steps.read(r.parts.env.world_size, stop.requested)
+    # A SyncBN check that failed on the device (Triton kernels: ranks at different layers) left
+    # NaN outputs and a flag: raise its error naming the layer, before that NaN reads as a
+    # non-finite step. Every rank of the layer's group saw the same failure, so all raise.
+    syncbn.raise_device_errors(r.parts.env.device)
+    parameters = r.parts.model.parameters()
+    records, stop_all = r.steps.read(r.parts.env.world_size, stop.requested, parameters)
     for record in records:
         report.train_step(r, record)
+        if not record.model_finite:  # an update with finite gradients overflowed the weights
+            r.nonfinite_step = records[0].step
+            report.nonfinite_parameters(r, records)
+            return exit_codes.NONFINITE
         if record.finite:
             r.skips_in_a_row = 0
             continue
@@ -324,7 +350,7 @@ def _nonfinite_step_skipped(r: Run, record: StepRecord) -> bool:
     trainer = r.parts.cfg.trainer
     if trainer.nonfinite == "stop" or r.skips_in_a_row > trainer.max_consecutive_skips:
         r.nonfinite_step = record.step - r.skips_in_a_row + 1
-        report.nonfinite_stop(r, record.loss)
+        report.nonfinite_stop(r, record)
         return False
     if record.skipped:
         r.state.skipped_steps.append(record.step)

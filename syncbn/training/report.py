@@ -82,19 +82,23 @@ def telemetry(run: Run) -> None:
         log.info("step %d: %s", state.step, parts.telemetry.summary(metrics))
 
 
+def nonfinite_what(record: StepRecord) -> str:
+    """What was not finite at a step: its loss, or (a finite loss) its gradients."""
+    if math.isfinite(record.loss):
+        return f"non-finite gradients (loss {record.loss})"
+    return f"non-finite loss {record.loss}"
+
+
 def nonfinite_skipped(record: StepRecord) -> None:
     if not record.skipped:  # cannot happen with a NaN loss; an infinite loss, finite gradients
         log.warning("step %d: loss %s with finite gradients: update applied", record.step,
                     record.loss)  # fmt: skip
         return
-    log.warning(
-        "step %d: non-finite loss %s: update skipped (trainer.nonfinite=skip)",
-        record.step,
-        record.loss,
-    )
+    log.warning("step %d: %s: update skipped (trainer.nonfinite=skip)", record.step,
+                nonfinite_what(record))  # fmt: skip
 
 
-def nonfinite_stop(run: Run, loss: float) -> None:
+def nonfinite_stop(run: Run, record: StepRecord) -> None:
     parts, trainer = run.parts, run.parts.cfg.trainer
     if parts.env.is_main:
         why = (
@@ -103,13 +107,32 @@ def nonfinite_stop(run: Run, loss: float) -> None:
             else f"{run.skips_in_a_row} in a row > trainer.max_consecutive_skips"
         )
         log.error(
-            "step %d: non-finite loss %s; stopping (%s) at step %d. The newest checkpoint, %s, "
+            "step %d: %s; stopping (%s) at step %d. The newest checkpoint, %s, "
             "is the last finite state; lower optim.lr, set trainer.grad_clip, or "
             "trainer.nonfinite=skip",
             run.nonfinite_step,
-            loss,
+            nonfinite_what(record)
+            if record.step == run.nonfinite_step
+            else f"non-finite steps {run.nonfinite_step}-{record.step} (the last: "
+            f"{nonfinite_what(record)})",
             why,
             run.state.step,
+            _last_checkpoint(run, "none yet"),
+        )
+
+
+def nonfinite_parameters(run: Run, records: list[StepRecord]) -> None:
+    """The parameters are NaN/Inf after the last of ``records`` (an update with finite
+    gradients overflowed: the skip guard, which checks gradients, lets it through)."""
+    if run.parts.env.is_main:
+        first, last = records[0].step, records[-1].step
+        steps = f"step {first}" if first == last else f"one of steps {first}-{last}"
+        log.error(
+            "non-finite parameters after step %d: the update of %s overflowed the weights "
+            "(finite loss and gradients); stopping. The newest checkpoint, %s, is the last "
+            "finite state; lower optim.lr or set trainer.grad_clip",
+            last,
+            steps,
             _last_checkpoint(run, "none yet"),
         )
 

@@ -3,7 +3,9 @@
 ``logger.mode=online`` meets an unreachable server in two ways, both bounded by
 ``logger.init_timeout_s`` (together):
 
-1. a probe: one HTTP request to the server (W&B's ``base_url``) with that timeout. No answer
+1. a probe: one HTTP request to the server (W&B's ``base_url``) with that timeout as one
+   wall-clock deadline (a server that trickles its answer a byte at a time cannot stretch it). No
+   answer
    (a closed port, a firewall that drops packets, a server that accepts and never replies)
    means no online attempt at all.
 2. ``wandb.init(settings=wandb.Settings(init_timeout=...))`` for a server that answers the probe
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,16 +120,33 @@ def probe(url: str, timeout_s: float) -> str | None:
     """None when the server at ``url`` answers an HTTP request within ``timeout_s``, else why not.
 
     Any HTTP answer counts (even 404): the point is that something is there and replies.
+    ``timeout_s`` is one wall-clock deadline for the whole request: urllib's own timeout bounds
+    each socket operation, so a server that trickles a byte at a time would hold it for ever.
+    The request runs in a daemon thread that is abandoned (left to its socket timeout) when the
+    deadline passes.
     """
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            response.read(1)
-    except urllib.error.HTTPError:
-        return None
-    except OSError as error:  # URLError, TimeoutError, ConnectionError...
-        reason = getattr(error, "reason", error)
-        return f"no answer within {timeout_s} s: {reason}"
-    return None
+    outcome: list[str | None] = []
+
+    def request() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                response.read(1)
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)
+        except OSError as error:  # URLError, TimeoutError, ConnectionError...
+            reason = getattr(error, "reason", error)
+            timed_out = isinstance(reason, TimeoutError | socket.timeout)
+            outcome.append(
+                f"no answer within {timeout_s} s: {reason}" if timed_out else str(reason)
+            )
+
+    thread = threading.Thread(target=request, name="wandb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"no answer within {timeout_s} s: the request is still incomplete"
+    return outcome[0]
 
 
 def _init(wandb, cfg, mode: str, run_dir: Path, config: dict[str, Any], timeout_s: float):

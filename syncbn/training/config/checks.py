@@ -21,7 +21,15 @@ from ...distributed import divisors
 from ..errors import ConfigError
 from ..lifecycle.env import world_size_from_env
 from ..tasks import TASKS
-from .schema import POSITIVE, POSITIVE_OR_NULL, LoaderConfig, TrainerConfig
+from .schema import (
+    POSITIVE,
+    POSITIVE_OR_NULL,
+    SECONDS,
+    DistConfig,
+    LoaderConfig,
+    LoggerConfig,
+    TrainerConfig,
+)
 
 
 def validate(cfg, world_size: int | None = None, cuda: bool | None = None) -> None:
@@ -181,13 +189,8 @@ def _loader(loader) -> Iterator[str]:
 
 def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
     dist, logger = cfg.dist, cfg.logger
-    for key, value in [
-        ("dist.timeout_s", dist.timeout_s),
-        ("dist.orphan_grace_s", dist.orphan_grace_s),
-        ("logger.init_timeout_s", logger.init_timeout_s),
-    ]:
-        if not _positive_finite(value):
-            yield f"{key} expected a finite number of seconds > 0 (got {value})"
+    yield from _ranged("dist", DistConfig, dist)
+    yield from _ranged("logger", LoggerConfig, logger)
     init = dist.init_method
     if init is not None and not str(init).startswith(("file://", "tcp://", "env://")):
         yield (
@@ -221,11 +224,25 @@ def _dist_and_logger(cfg, world_size: int, cuda: bool) -> Iterator[str]:
 def _ranged(group: str, schema, node) -> Iterator[str]:
     """The keys whose range the schema states (:func:`~.schema.key`), checked from it alone."""
     for f in fields(schema):
-        bound, value = f.metadata.get("range"), node[f.name]
+        bound, value, name = f.metadata.get("range"), node[f.name], f"{group}.{f.name}"
+        at_most, at_least = f.metadata.get("at_most"), f.metadata.get("at_least")
+        if bound == SECONDS:
+            if not _positive_finite(value):
+                yield f"{name} expected a finite number of seconds > 0 (got {value})"
+            elif at_most is not None and value > at_most:
+                yield f"{name} expected at most {at_most:g} seconds (got {value:g})"
+            elif value < at_least:
+                yield (
+                    f"{name} expected at least {at_least:g} second{'s' if at_least != 1 else ''} "
+                    f"(got {value:g})"
+                )
+            continue
         if bound == POSITIVE and not _positive_int(value):
-            yield f"{group}.{f.name} expected > 0 (got {value})"
+            yield f"{name} expected > 0 (got {value})"
         elif bound == POSITIVE_OR_NULL and value is not None and not _positive_int(value):
-            yield f"{group}.{f.name} expected > 0 or null (got {value}); null turns it off"
+            yield f"{name} expected > 0 or null (got {value}); null turns it off"
+        elif at_most is not None and value is not None and value > at_most:
+            yield f"{name} expected > 0 and <= {at_most:g} (got {value})"
 
 
 def _increasing_pair(value) -> bool:

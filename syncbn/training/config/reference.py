@@ -71,7 +71,7 @@ def table(group: str) -> list[str]:
         values = [
             f"`{_value(v[name])}`" if name in v else "" for _, v in (files[c] for c in choices)
         ]
-        bound = f.metadata.get("range") or ""
+        bound = schema.describe_range(f.metadata)
         cells = [f"`{group}.{name}`", f"`{_type(f.type)}`", *values, bound, f.metadata["doc"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return [*lines, ""]

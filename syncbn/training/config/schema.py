@@ -29,15 +29,39 @@ from omegaconf import MISSING
 
 POSITIVE = "> 0"  # an int > 0
 POSITIVE_OR_NULL = "> 0 or null"  # an int > 0, or null to turn the feature off
-RANGES = (POSITIVE, POSITIVE_OR_NULL)  # what :mod:`.checks` checks from the schema alone
+SECONDS = "seconds"  # a finite number of seconds > 0
+RANGES = (POSITIVE, POSITIVE_OR_NULL, SECONDS)  # what :mod:`.checks` checks from the schema alone
 
 
-def key(doc: str, bound: str | None = None) -> Any:
+def key(
+    doc: str, bound: str | None = None, *, at_most: float | None = None, at_least: float = 0
+) -> Any:
     """A config key: ``doc`` one line on what it does; ``bound`` one of :data:`RANGES` when
     :mod:`.checks` should enforce it from the schema alone (other bounds are checked there by
-    hand, with their own message and fix). The value is set by the yaml file."""
+    hand, with their own message and fix), with an upper bound ``at_most`` (past it a value
+    allocates or overflows rather than means anything) and, for :data:`SECONDS`, a lower bound
+    ``at_least``. The value is set by the yaml file."""
     assert bound in (None, *RANGES), bound
-    return field(default=MISSING, metadata={"doc": doc, "range": bound})
+    assert bound is not None or at_most is None, "at_most needs a bound"
+    metadata = {"doc": doc, "range": bound, "at_most": at_most, "at_least": at_least}
+    return field(default=MISSING, metadata=metadata)
+
+
+def describe_range(metadata) -> str:
+    """The range column of docs/training.md: ``> 0``, ``> 0, <= 10000``, ``[1, 604800] s``."""
+    bound, at_most, at_least = (
+        metadata.get("range"),
+        metadata.get("at_most"),
+        metadata.get("at_least"),
+    )
+    if bound == SECONDS:
+        low = f"[{at_least:g}" if at_least else "(0"
+        return f"{low}, {at_most:g}] s" if at_most is not None else f"{low}, inf) s"
+    if bound and at_most is not None:
+        return f"{bound.replace(' or null', '')}, <= {at_most:g}" + (
+            " or null" if bound == POSITIVE_OR_NULL else ""
+        )
+    return bound or ""
 
 
 class Choice(str, Enum):
@@ -73,6 +97,11 @@ class Augment(Choice):
     random_resized_crop = "random_resized_crop"
     pad_crop = "pad_crop"
     none = "none"
+
+
+class BadImages(Choice):
+    error = "error"  # stop, naming the file
+    skip = "skip"  # use the next image instead, with a warning naming the file (counted)
 
 
 class Precision(Choice):
@@ -163,6 +192,10 @@ class ImageFolderConfig:
     )
     mean: list[float] = key("per-channel normalization (ImageNet's; use your data's)")
     std: list[float] = key("per-channel normalization")
+    bad_images: BadImages = key(
+        "a file Pillow cannot decode: error (stop, naming it) | skip (the next image instead, "
+        "logged and counted)",
+    )
 
 
 @dataclass
@@ -279,6 +312,7 @@ class TrainerConfig:
         "between), check them for NaN/Inf and agree on a stop request (SIGTERM/SIGUSR1 are "
         "acted on at most N steps after they arrive)",
         POSITIVE,
+        at_most=10_000,  # a device buffer of 3 x N float64
     )
     log_every: int = key(
         "W&B train/loss logging interval (optimizer steps, > 0; sent at syncs)",
@@ -313,6 +347,8 @@ class LoggerConfig:
     init_timeout_s: float = key(
         "online: give up on the server after this long and log offline instead (< "
         "dist.timeout_s, which the other ranks wait meanwhile)",
+        SECONDS,
+        at_most=3600,
     )
 
 
@@ -323,10 +359,15 @@ class DistConfig:
         "null: torchrun's store or MASTER_ADDR/MASTER_PORT; or file:///shared/path (a "
         "rendezvous file on a filesystem all ranks share: no port)",
     )
-    timeout_s: float = key("every collective fails after this long instead of hanging (> 0)")
+    timeout_s: float = key(
+        "every collective fails after this long instead of hanging", SECONDS, at_least=1,
+        at_most=7 * 24 * 3600,
+    )  # fmt: skip
     orphan_grace_s: float = key(
         "under torchrun, when the agent dies: seconds to checkpoint and exit before the worker "
-        "exits hard (> 0)",
+        "exits hard",
+        SECONDS,
+        at_most=3600,
     )
 
 

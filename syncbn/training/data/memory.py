@@ -7,6 +7,7 @@ leaks into training.
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,48 @@ import torch
 from ..errors import ConfigError
 from .base import Splits, TensorSource, identity, splits
 from .transforms import ShiftFlip
+
+PEAK_COPIES = 4  # building and normalizing a split holds about this many copies of it at once
+
+
+def available_bytes() -> int:
+    """Memory this process may still take: MemAvailable, capped by a cgroup v2 limit."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def check_fits(what: str, values: int, bytes_per_value: int) -> None:
+    """Raise :class:`ConfigError` before allocating an in-memory dataset of ``values`` numbers
+    (``what`` names the keys that make them) that would not fit: every rank of this node
+    builds its own copy, and building holds about :data:`PEAK_COPIES` copies at once."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    size = values * bytes_per_value
+    needed = size * PEAK_COPIES * ranks
+    available = available_bytes()
+    if needed > available:
+        raise ConfigError(
+            f"{what} = {values} values ({_size(size)}; about {_size(needed)} while {ranks} "
+            f"rank(s) of this node build it) expected to fit in memory (got {_size(available)} "
+            f"available); make it smaller, or use data=imagefolder, which reads images from disk "
+            f"as it goes"
+        )
 
 
 def normalize(train: torch.Tensor, val: torch.Tensor, per_channel: bool = False):
@@ -57,8 +100,10 @@ def digits(cfg, seed: int | None, augment: bool) -> Splits:
 
 def synthetic(cfg, seed: int | None, augment: bool) -> Splits:
     """Gaussian images whose class shifts the mean of a random pattern: learnable, any size."""
-    gen = torch.Generator().manual_seed(cfg.split_seed)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    check_fits("data.num_samples x data.channels x data.image_size^2",
+               cfg.num_samples * cfg.channels * cfg.image_size**2, 4)  # fmt: skip
+    gen = torch.Generator().manual_seed(cfg.split_seed)
     patterns = torch.randn((cfg.num_classes, *shape), generator=gen)
     y = torch.randint(cfg.num_classes, (cfg.num_samples,), generator=gen)
     x = patterns[y] * 0.5 + torch.randn((cfg.num_samples, *shape), generator=gen)

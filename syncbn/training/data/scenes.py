@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Splits, TensorSource, identity, splits
-from .memory import normalize, split_indices
+from .memory import check_fits, normalize, split_indices
 from .transforms import ShiftFlip
 
 BACKGROUND = 0
@@ -33,6 +33,8 @@ def digit_scenes(cfg, seed: int | None, augment: bool) -> Splits:
     """The scenes of ``cfg`` (``conf/data/digit_scenes.yaml``) as :class:`Splits`."""
     from sklearn.datasets import load_digits
 
+    scenes = cfg.num_train + cfg.num_val  # each a float32 input and a long mask per pixel
+    check_fits("(data.num_train + data.num_val) x data.canvas^2", scenes * cfg.canvas**2, 4 + 8)
     raw = load_digits()
     images = torch.tensor(raw.images, dtype=torch.float32)  # (1797, 8, 8), values 0..16
     labels = torch.tensor(raw.target, dtype=torch.long)

@@ -39,6 +39,11 @@ def world_size_from_env() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
+def rank_from_env() -> int:
+    """This process's rank as the launcher (torchrun, else SLURM) announces it; 0 when none."""
+    return _env_int("RANK", "SLURM_PROCID", default=0)
+
+
 def setup(
     backend: str = "auto", timeout_s: float = 300.0, init_method: str | None = None
 ) -> DistEnv:
@@ -50,7 +55,7 @@ def setup(
     MASTER_ADDR/MASTER_PORT rendezvous: no port to agree on.
     """
     world_size = world_size_from_env()
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    rank = rank_from_env()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
     if backend == "auto":

@@ -19,10 +19,13 @@ signalled), so rank 0 also records the code in ``run_dir/status.json``; that is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 OK = 0
 CRASHED = 1
@@ -45,3 +48,15 @@ def write_status(run_dir: Path, exit_code: int | None, **details: Any) -> None:
     tmp = run_dir / f".{STATUS}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / STATUS)
+
+
+def write_config_error(run_dir, error: Exception) -> None:
+    """``status.json`` of a run refused for its configuration (exit 78), with the message; a
+    directory that cannot be written is reported, not raised (the config error is the news)."""
+    try:
+        path = Path(str(run_dir)).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        write_status(path, CONFIG, error=str(error))
+    except Exception as problem:  # noqa: BLE001 - a bad run_dir must not hide the config error
+        log.warning("could not record the configuration error in %s/%s (%s)", run_dir, STATUS,
+                    problem)  # fmt: skip

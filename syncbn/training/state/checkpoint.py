@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 LAST = "last.pt"
 REQUIRED = ("model", "optimizer", "epoch", "step")
 _UMASK = os.umask(0o022)  # read it (only by setting it), at import, before any threads
@@ -112,6 +114,29 @@ def load(path: Path, map_location="cpu") -> dict[str, Any]:
             f"{sorted(missing)}); it was not written by syncbn's train.py"
         )
     return state
+
+
+def check_fits(path: Path, model: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the keys when the checkpoint's model tensors do not
+    fit ``model`` (built from the current config): missing, unexpected, or of another shape."""
+    mine = model.state_dict()
+    problems = [
+        f"{k}: checkpoint {list(v.shape)}, model {list(mine[k].shape)}"
+        for k, v in saved.items()
+        if k in mine and isinstance(v, torch.Tensor) and v.shape != mine[k].shape
+    ]
+    missing = sorted(set(mine) - set(saved))
+    unexpected = sorted(set(saved) - set(mine))
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"not in the model: {', '.join(unexpected[:5])}")
+    if problems:
+        raise ConfigError(
+            f"checkpoint {path} expected tensors that fit the model this config builds (got "
+            f"{'; '.join(problems[:5])}): the data (channels, classes) or the model differ "
+            f"from the run that wrote it; use that run's data and model settings"
+        )
 
 
 def resolve(resume: str | None, run_dir: Path) -> Path | None:
