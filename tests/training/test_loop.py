@@ -144,7 +144,10 @@ def _synced_steps(tmp_path, losses: list[float], sync_every: int = 2) -> SimpleN
     """Steps with these global losses (non-finite ones skipped on the device) through the loop's
     sync points, ``nonfinite=skip`` and ``max_consecutive_skips=LIMIT``; where the run stopped."""
     cfg = _cfg(tmp_path, "trainer.nonfinite=skip", f"trainer.max_consecutive_skips={LIMIT}")
-    parts_ = SimpleNamespace(cfg=cfg, env=CPU, ckpts=CheckpointManager(tmp_path, 1, None, True))
+    model = torch.nn.Linear(2, 2)  # finite parameters: only the losses are non-finite
+    parts_ = SimpleNamespace(
+        cfg=cfg, env=CPU, model=model, ckpts=CheckpointManager(tmp_path, 1, None, True)
+    )
     logger = SimpleNamespace(log=lambda *args, **kwargs: None)
     steps = StepLog(sync_every, CPU.device)
     r = parts.Run(parts_, RunState(reference_global_batch=8), steps, logger, 8 * len(losses))
