@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from sweep import json_safe, mean_std  # scripts/experiments/sweep.py, beside this file
+from sweep import json_safe, mean_std, run_train  # scripts/experiments/sweep.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[2]
 NORMS = ("none", "bn", "syncbn")
@@ -98,24 +96,11 @@ def plan(args) -> list[Run]:
 
 def launch(run: Run, out: Path, args) -> dict:
     """Run train.py for ``run`` (resuming if interrupted) and return its metrics.json."""
-    run_dir = out / "runs" / run.name
-    metrics = run_dir / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={run.world_size}", str(ROOT / "train.py"),
-        f"hydra.run.dir={run_dir}", f"norm={run.norm}", f"data={args.data}",
-        f"trainer.batch_size={run.batch_size}", f"trainer.max_steps={args.steps}",
-        f"trainer.eval_every_steps={args.eval_every}", "trainer.eval_train=true",
-        "trainer.progress=false", "trainer.resume=auto", "logger.mode=disabled",
-        f"seed={run.seed}", *run.overrides,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not metrics.exists():
-        raise RuntimeError(f"{run.name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(metrics.read_text())
+    return run_train(out / "runs" / run.name, run.world_size, [
+        f"norm={run.norm}", f"data={args.data}", f"trainer.batch_size={run.batch_size}",
+        f"trainer.max_steps={args.steps}", f"trainer.eval_every_steps={args.eval_every}",
+        "trainer.eval_train=true", f"seed={run.seed}", *run.overrides,
+    ])  # fmt: skip
 
 
 def summarize(records: list[dict]) -> dict:

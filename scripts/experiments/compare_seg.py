@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from sweep import json_safe, mean_std  # scripts/experiments/sweep.py, beside this file
+from sweep import json_safe, mean_std, run_train  # scripts/experiments/sweep.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNCBN, SYNC_NO_POOL, BN, BN_NO_POOL, NONE, REFERENCE = (
@@ -86,26 +84,11 @@ def plan(args) -> list[Run]:
 
 def launch(run: Run, out: Path, args) -> dict:
     """Run train.py for ``run`` (resuming if interrupted) and return its metrics.json."""
-    run_dir = out / "runs" / run.name
-    metrics = run_dir / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())
-    prefix = [sys.executable]
-    if run.world_size > 1:
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  f"--nproc_per_node={run.world_size}"]  # fmt: skip
-    cmd = [
-        *prefix, str(ROOT / "train.py"), "task=segmentation", f"hydra.run.dir={run_dir}",
-        f"norm={run.norm}", f"trainer.batch_size={run.batch_size}",
+    return run_train(out / "runs" / run.name, run.world_size, [
+        "task=segmentation", f"norm={run.norm}", f"trainer.batch_size={run.batch_size}",
         f"trainer.max_steps={args.steps}", f"trainer.eval_every_steps={args.eval_every}",
-        f"trainer.ckpt_every_steps={args.eval_every}", "trainer.progress=false",
-        "trainer.resume=auto", "logger.mode=disabled", f"seed={run.seed}", *run.overrides,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not metrics.exists():
-        raise RuntimeError(f"{run.name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(metrics.read_text())
+        f"trainer.ckpt_every_steps={args.eval_every}", f"seed={run.seed}", *run.overrides,
+    ])  # fmt: skip
 
 
 def summarize(records: list[dict], world_sizes: list[int], batch_sizes: list[int]) -> list[dict]:

@@ -86,16 +86,22 @@ def _take_last_ticket(counter_ptr, splits):
 
 @triton.jit
 def _affine(
-    invstd_ptr, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
+    invstd, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
 ):
-    """Per channel ``(gamma invstd, beta)`` in float32: ``x_hat`` to the layer's output."""
-    scale = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    """Per channel ``(gamma invstd, beta)`` in float32: ``x - mean`` to the layer's output."""
+    scale = invstd.to(tl.float32)
     if HAS_WEIGHT:
         scale *= tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     shift = tl.zeros_like(scale)
     if HAS_BIAS:
         shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     return scale, shift
+
+
+@triton.jit
+def _at(n, s, stride_n, stride_s, col_offsets):
+    """The (BLOCK_R, BLOCK_C) element offsets of a tile in a tensor of these strides."""
+    return (n * stride_n + s * stride_s)[:, None] + col_offsets[None, :]
 
 
 @triton.jit
@@ -182,7 +188,7 @@ def _moments(
     for t in range(begin, end):
         n, s, exists = _tile_rows(t, N, S, tiles_per_image, BLOCK_R, ROWS_SPAN_IMAGES)
         ok = exists[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + (n * sxN + s * sxS)[:, None] + col_off[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + _at(n, s, sxN, sxS, col_off), mask=ok, other=0.0)
         x = tl.where(ok, x.to(tl.float32) - anchor[None, :], 0.0)
         tile_count = tl.sum(exists.to(tl.int64), axis=0)
         tile_mean = tl.sum(x, axis=0) / tile_count.to(tl.float32)
@@ -333,12 +339,7 @@ def _normalize(
                 mask=update,
             )
 
-    scale = invstd.to(tl.float32)
-    if HAS_WEIGHT:
-        scale *= tl.load(weight_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale, shift = _affine(invstd, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
     mean_high = mean.to(tl.float32)
     mean_low = (mean - mean_high.to(tl.float64)).to(tl.float32)
     x_col = cols.to(tl.int64) * sxC
@@ -347,11 +348,11 @@ def _normalize(
     for t in range(begin, end):
         n, s, exists = _tile_rows(t, N, S, tiles_per_image, BLOCK_R, ROWS_SPAN_IMAGES)
         ok = exists[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + (n * sxN + s * sxS)[:, None] + x_col[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + _at(n, s, sxN, sxS, x_col), mask=ok, other=0.0)
         centred = (x.to(tl.float32) - mean_high[None, :]) - mean_low[None, :]
         y = _activate(centred * scale[None, :] + shift[None, :], ACTIVATION, negative_slope)
         tl.store(
-            y_ptr + (n * syN + s * syS)[:, None] + y_col[None, :],
+            y_ptr + _at(n, s, syN, syS, y_col),
             y.to(y_ptr.dtype.element_ty),
             mask=ok,
         )
@@ -408,7 +409,8 @@ def _backward_reduce(
     col_ok = cols < C
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
     mean_low = tl.load(mean_low_ptr + cols, mask=col_ok, other=0.0)
-    scale, shift = _affine(invstd_ptr, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
+    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
+    scale, shift = _affine(invstd, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
     x_col = cols.to(tl.int64) * sxC
     g_col = cols.to(tl.int64) * sgC
 
@@ -418,8 +420,8 @@ def _backward_reduce(
     for t in range(begin, end):
         n, s, exists = _tile_rows(t, N, S, tiles_per_image, BLOCK_R, ROWS_SPAN_IMAGES)
         ok = exists[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + (n * sxN + s * sxS)[:, None] + x_col[None, :], mask=ok, other=0.0)
-        dy = tl.load(dy_ptr + (n * sgN + s * sgS)[:, None] + g_col[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + _at(n, s, sxN, sxS, x_col), mask=ok, other=0.0)
+        dy = tl.load(dy_ptr + _at(n, s, sgN, sgS, g_col), mask=ok, other=0.0)
         dy = dy.to(tl.float32)
         xmu = tl.where(ok, (x.to(tl.float32) - mean[None, :]) - mean_low[None, :], 0.0)
         if ACTIVATION != 0:
@@ -441,8 +443,7 @@ def _backward_reduce(
         tl.store(shares_ptr + cols, (total_dy / count).to(tl.float32), mask=col_ok)
         tl.store(shares_ptr + C + cols, (total_dy_xmu / count).to(tl.float32), mask=col_ok)
         if WRITE_WEIGHT:
-            invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(tl.float64)
-            grad_weight = total_dy_xmu * invstd
+            grad_weight = total_dy_xmu * invstd.to(tl.float64)
             tl.store(
                 grad_weight_ptr + cols,
                 grad_weight.to(tl.float32).to(grad_weight_ptr.dtype.element_ty),
@@ -503,7 +504,7 @@ def _grad_input(
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
     mean_dy = tl.load(means_ptr + cols, mask=col_ok, other=0.0)
     mean_dy_xmu = tl.load(means_ptr + C + cols, mask=col_ok, other=0.0)
-    scale, shift = _affine(invstd_ptr, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
+    scale, shift = _affine(invstd, weight_ptr, bias_ptr, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
     projection = mean_dy_xmu * invstd * invstd
     x_col = cols.to(tl.int64) * sxC
     g_col = cols.to(tl.int64) * sgC
@@ -512,8 +513,8 @@ def _grad_input(
     for t in range(begin, end):
         n, s, exists = _tile_rows(t, N, S, tiles_per_image, BLOCK_R, ROWS_SPAN_IMAGES)
         ok = exists[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + (n * sxN + s * sxS)[:, None] + x_col[None, :], mask=ok, other=0.0)
-        dy = tl.load(dy_ptr + (n * sgN + s * sgS)[:, None] + g_col[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + _at(n, s, sxN, sxS, x_col), mask=ok, other=0.0)
+        dy = tl.load(dy_ptr + _at(n, s, sgN, sgS, g_col), mask=ok, other=0.0)
         xmu = (x.to(tl.float32) - mean[None, :]) - mean_low[None, :]
         dy = dy.to(tl.float32)
         if ACTIVATION != 0:
@@ -522,7 +523,7 @@ def _grad_input(
             )
         dx = (dy - mean_dy[None, :] - xmu * projection[None, :]) * scale[None, :]
         tl.store(
-            dx_ptr + (n * sdN + s * sdS)[:, None] + d_col[None, :],
+            dx_ptr + _at(n, s, sdN, sdS, d_col),
             dx.to(dx_ptr.dtype.element_ty),
             mask=ok,
         )
