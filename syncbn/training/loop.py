@@ -35,7 +35,7 @@ from .lifecycle.orphan import under_torchrun, watch_parent
 from .lifecycle.preemption import StopRequest
 from .parts import Parts, Run, autocast, build, to_device
 from .report import RunResult
-from .state import checkpoint, progress, resume_policy
+from .state import progress, resume_from, resume_policy
 from .state.progress import RunState
 from .steplog import StepLog, StepRecord
 from .wandb_logger import WandbLogger
@@ -66,9 +66,10 @@ def run(cfg) -> RunResult:
 def _train(cfg, env: DistEnv) -> RunResult:
     parts = build(cfg, env)
     state = RunState(reference_global_batch=parts.global_batch)
-    resume_from = checkpoint.resolve(cfg.trainer.resume, parts.run_dir)
-    if resume_from is not None:
-        state = _resume(parts, resume_from)
+    found = resume_from.choose(cfg.trainer.resume, parts.run_dir, cfg.trainer.overwrite,
+                               map_location=env.device, writer=env.is_main)  # fmt: skip
+    if found is not None:
+        state = _resume(parts, found.path, found.saved)
     total = progress.total_samples(cfg.trainer, state, len(parts.splits.train), parts.global_batch)
     if env.is_main:
         (parts.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(parts.config))
@@ -93,11 +94,10 @@ def _train(cfg, env: DistEnv) -> RunResult:
     return RunResult(code, metrics, metrics.get(f"val_{parts.task.primary}"))
 
 
-def _resume(parts: Parts, path: Path) -> RunState:
-    """Load the checkpoint at ``path`` into ``parts`` under the resume policy
+def _resume(parts: Parts, path: Path, saved: dict[str, Any]) -> RunState:
+    """Load the checkpoint ``saved`` (read from ``path``) into ``parts`` under the resume policy
     (:mod:`.state.resume_policy`); the progress it holds."""
     cfg, env = parts.cfg, parts.env
-    saved = checkpoint.load(path, map_location=env.device)
     resume_policy.check(path, saved.get("config"), parts.config)
     if env.is_main:
         resume_policy.warn_if_batch_changed(
