@@ -20,7 +20,8 @@ Several machines (run on each node, same --rdzv-id)::
         --rdzv-endpoint=HOST:29500 --rdzv-id=JOB train.py hydra.run.dir=runs/JOB
 
 Exit codes (``syncbn/training/lifecycle/exit_codes.py``): 0 finished, 1 crashed, 65 stopped on a
-non-finite loss, 75 preempted (checkpoint written: relaunch to resume), 78 bad configuration.
+non-finite loss, 73 run directory in use by another job, 75 preempted (checkpoint written:
+relaunch to resume), 78 bad configuration.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from syncbn.training import ConfigError, run
+from syncbn.training.errors import RunDirLocked
 from syncbn.training.config import schema
 from syncbn.training.lifecycle import exit_codes
 
@@ -54,6 +56,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:  # one message per rank, no traceback
         print(f"train.py{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
         sys.exit(exit_codes.CONFIG)
+    except RunDirLocked as error:  # another job's run directory: nothing was written
+        print(f"train.py{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
+        sys.exit(exit_codes.LOCKED)
     if result.exit_code != exit_codes.OK:
         sys.exit(result.exit_code)
     return result.objective  # the task's primary validation metric, for Hydra sweepers

@@ -28,11 +28,13 @@ from tqdm import tqdm
 
 from . import data, optim, report
 from .config import validate
+from .errors import RunDirLocked
 from .evaluate import eval_only, evaluate_run, evaluate_train_split
 from .lifecycle import exit_codes
 from .lifecycle.env import DistEnv, setup, teardown
 from .lifecycle.orphan import under_torchrun, watch_parent
 from .lifecycle.preemption import StopRequest
+from .lifecycle.run_lock import RunLock, job_id_from_env
 from .parts import Parts, Run, autocast, build, to_device
 from .report import RunResult
 from .state import progress, resume_from, resume_policy
@@ -56,11 +58,39 @@ def run(cfg) -> RunResult:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.trainer.cudnn_benchmark)
     try:
-        if cfg.trainer.eval_only:
-            return eval_only(cfg, env)
-        return _train(cfg, env)
+        with _run_lock(Path(cfg.run_dir), env):
+            if cfg.trainer.eval_only:
+                return eval_only(cfg, env)
+            return _train(cfg, env)
     finally:
         teardown(env)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, env: DistEnv):
+    """Hold the run directory's lock (:mod:`.lifecycle.run_lock`) while the run lasts.
+
+    Rank 0 takes it; every rank learns the outcome (one broadcast) and, when another job holds
+    it, raises :class:`~syncbn.training.errors.RunDirLocked` before writing anything.
+    """
+    lock, refusal = None, None
+    if env.is_main:
+        lock = RunLock(run_dir, job_id_from_env())
+        try:
+            lock.acquire()
+        except RunDirLocked as error:
+            lock, refusal = None, str(error)
+    if env.world_size > 1:
+        outcome = [refusal]
+        dist.broadcast_object_list(outcome, src=0)
+        refusal = outcome[0]
+    if refusal is not None:
+        raise RunDirLocked(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg, env: DistEnv) -> RunResult:
