@@ -35,8 +35,8 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from syncbn.training import ConfigError, run
-from syncbn.training.errors import RunDirLocked
 from syncbn.training.config import schema
+from syncbn.training.errors import RunDirLocked
 from syncbn.training.lifecycle import exit_codes
 
 schema.register()  # the types of conf/'s groups, before Hydra composes them

@@ -158,9 +158,10 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                if _read(self.path)[0] != self._content:
-                    log.error("run directory %s: lost its lock %s (taken over by %s)",
-                              self.path.parent, self.path, _describe(_read(self.path)[0]))  # fmt: skip
+                content = _read(self.path)[0]
+                if content != self._content:
+                    log.error("run directory %s: lost its lock %s (now held by %s)",
+                              self.path.parent, self.path, _describe(content))  # fmt: skip
                     return
                 os.utime(self.path)
             except OSError as error:  # a filesystem hiccup: try again next beat
