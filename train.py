@@ -24,7 +24,17 @@ non-finite loss, 73 run directory in use by another job, 75 preempted (checkpoin
 relaunch to resume), 78 bad configuration.
 """
 
+# ruff: noqa: E402 (the signal handlers below come before the other imports, on purpose)
 from __future__ import annotations
+
+import signal
+
+# Catch stop signals first thing, before the imports and the start-up that take seconds to
+# minutes (a signal then killed the process outright: no checkpoint, no status.json); the
+# training loop acts on them (syncbn/training/lifecycle/preemption.py).
+_caught: list[int] = []
+for _name in ("SIGTERM", "SIGUSR1"):
+    signal.signal(getattr(signal, _name), lambda signum, frame: _caught.append(signum))
 
 import logging
 import os
@@ -37,8 +47,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from syncbn.training import ConfigError, run
 from syncbn.training.config import schema
 from syncbn.training.errors import RunDirLocked
-from syncbn.training.lifecycle import exit_codes
+from syncbn.training.lifecycle import exit_codes, preemption
 
+preemption.install(_caught)  # the loop's handlers from here on, with what was caught so far
 schema.register()  # the types of conf/'s groups, before Hydra composes them
 _started = False  # whether Hydra composed the config and called main
 

@@ -30,7 +30,7 @@ from . import data, optim, report
 from .config import validate
 from .errors import RunDirLocked
 from .evaluate import eval_only, evaluate_run, evaluate_train_split
-from .lifecycle import exit_codes
+from .lifecycle import exit_codes, preemption
 from .lifecycle.env import DistEnv, setup, teardown
 from .lifecycle.orphan import under_torchrun, watch_parent
 from .lifecycle.preemption import StopRequest
@@ -108,7 +108,7 @@ def _train(cfg, env: DistEnv) -> RunResult:
     r = Run(parts, state, StepLog(cfg.trainer.sync_every, env.device), logger, total)
     code, metrics = exit_codes.CRASHED, {}
     try:
-        with StopRequest() as stop:
+        with preemption.stop_request() as stop:
             code, val = _fit(r, stop)
         if code == exit_codes.OK:
             metrics = _finish(r, val)
@@ -157,6 +157,9 @@ def _fit(r: Run, stop: StopRequest) -> tuple[int, dict]:
         dynamic_ncols=True,
         leave=False,
     )
+    if _stop_agreed(r, stop):  # a signal during start-up: nothing new to save
+        report.preempted_at_start(r)
+        return exit_codes.PREEMPTED, val
     while not progress.finished(trainer, state):
         started = time.perf_counter()
         code, val, epoch_done = _epoch(r, stop, bar, val)
@@ -347,6 +350,15 @@ def _sync(r: Run, stop: StopRequest) -> int | None:
     if stop_all:
         return _preempt(r)
     return None
+
+
+def _stop_agreed(r: Run, stop: StopRequest) -> bool:
+    """Whether any rank was asked to stop (one all-reduce; before the first step only, where
+    no steps' losses are pending to carry the flag)."""
+    flag = torch.tensor([float(stop.requested)], device=r.parts.env.device)
+    if r.parts.env.world_size > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item())
 
 
 def _nonfinite_step_skipped(r: Run, record: StepRecord) -> bool:
