@@ -330,7 +330,8 @@ def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_res
     assert job.wait(timeout=120) == 0, job.output[-4000:]
     assert "job 4242 (requeued 0 times): 2 nodes x 1 ranks" in job.output
     assert "got SIGUSR1, asking the workers to checkpoint" in job.output
-    assert job.output.count("got SIGTERM: checkpointing") == 2  # both workers, via scancel
+    assert job.output.count("got SIGUSR1: checkpointing") == 2  # both workers, via scancel
+    assert job.output.count("launch: got SIGUSR1: SIGTERM to torchrun") == 2  # both launchers
     assert "is gone" not in job.output  # not the orphan fallback: the agents stayed up
     assert (tmp_path / "requeued").read_text() == "requeue 4242\n", job.output[-4000:]
     preempted = status(run_dir)
