@@ -17,7 +17,8 @@ DDP on one machine (gloo on CPU, NCCL with one GPU per rank)::
 Several machines (run on each node, same --rdzv-id)::
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \
-        --rdzv-endpoint=HOST:29500 --rdzv-id=JOB train.py hydra.run.dir=runs/JOB
+        --rdzv-endpoint=HOST:29500 --rdzv-id=JOB --rdzv-conf=join_timeout=300 \
+        train.py hydra.run.dir=runs/JOB
 
 Exit codes (``syncbn/training/lifecycle/exit_codes.py``): 0 finished, 1 crashed, 65 stopped on a
 non-finite loss, 73 run directory in use by another job, 75 preempted (checkpoint written:
