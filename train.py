@@ -17,13 +17,25 @@ DDP on one machine (gloo on CPU, NCCL with one GPU per rank)::
 Several machines (run on each node, same --rdzv-id)::
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \
-        --rdzv-endpoint=HOST:29500 --rdzv-id=JOB train.py hydra.run.dir=runs/JOB
+        --rdzv-endpoint=HOST:29500 --rdzv-id=JOB --rdzv-conf=join_timeout=300 \
+        train.py hydra.run.dir=runs/JOB
 
 Exit codes (``syncbn/training/lifecycle/exit_codes.py``): 0 finished, 1 crashed, 65 stopped on a
-non-finite loss, 75 preempted (checkpoint written: relaunch to resume), 78 bad configuration.
+non-finite loss, 73 run directory in use by another job, 75 preempted (checkpoint written:
+relaunch to resume), 78 bad configuration.
 """
 
+# ruff: noqa: E402 (the signal handlers below come before the other imports, on purpose)
 from __future__ import annotations
+
+import signal
+
+# Catch stop signals first thing, before the imports and the start-up that take seconds to
+# minutes (a signal then killed the process outright: no checkpoint, no status.json); the
+# training loop acts on them (syncbn/training/lifecycle/preemption.py).
+_caught: list[int] = []
+for _name in ("SIGTERM", "SIGUSR1"):
+    signal.signal(getattr(signal, _name), lambda signum, frame: _caught.append(signum))
 
 import logging
 import os
@@ -35,8 +47,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from syncbn.training import ConfigError, run
 from syncbn.training.config import schema
-from syncbn.training.lifecycle import exit_codes
+from syncbn.training.errors import RunDirLocked
+from syncbn.training.lifecycle import exit_codes, preemption
 
+preemption.install(_caught)  # the loop's handlers from here on, with what was caught so far
 schema.register()  # the types of conf/'s groups, before Hydra composes them
 _started = False  # whether Hydra composed the config and called main
 
@@ -54,6 +68,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:  # one message per rank, no traceback
         print(f"train.py{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
         sys.exit(exit_codes.CONFIG)
+    except RunDirLocked as error:  # another job's run directory: nothing was written
+        print(f"train.py{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
+        sys.exit(exit_codes.LOCKED)
     if result.exit_code != exit_codes.OK:
         sys.exit(result.exit_code)
     return result.objective  # the task's primary validation metric, for Hydra sweepers

@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A bad configuration value; train.py prints the message (no traceback) and exits 78."""
+
+
+class RunDirLocked(RuntimeError):
+    """Another job holds the run directory's lock; train.py prints the message and exits 73."""

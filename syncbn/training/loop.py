@@ -30,15 +30,16 @@ import syncbn
 
 from . import data, optim, report
 from .config import validate
-from .errors import ConfigError
+from .errors import ConfigError, RunDirLocked
 from .evaluate import eval_only, evaluate_run, evaluate_train_split
-from .lifecycle import exit_codes
+from .lifecycle import exit_codes, preemption
 from .lifecycle.env import DistEnv, rank_from_env, setup, teardown
 from .lifecycle.orphan import under_torchrun, watch_parent
 from .lifecycle.preemption import StopRequest
+from .lifecycle.run_lock import RunLock, job_id_from_env
 from .parts import Parts, Run, autocast, build, to_device
 from .report import RunResult
-from .state import checkpoint, progress, resume_policy
+from .state import checkpoint, progress, resume_from, resume_policy
 from .state.progress import RunState
 from .steplog import StepLog, StepRecord
 from .wandb_logger import WandbLogger
@@ -56,7 +57,11 @@ def run(cfg) -> RunResult:
     try:
         return _run(cfg)
     except ConfigError as error:
-        if rank_from_env() == 0:
+        # Not over the status of another job that trains in this run directory now.
+        if (
+            rank_from_env() == 0
+            and not RunLock(Path(cfg.run_dir), job_id_from_env()).held_by_another()
+        ):
             exit_codes.write_config_error(cfg.run_dir, error)
         raise
 
@@ -69,19 +74,48 @@ def _run(cfg) -> RunResult:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.trainer.cudnn_benchmark)
     try:
-        if cfg.trainer.eval_only:
-            return eval_only(cfg, env)
-        return _train(cfg, env)
+        with _run_lock(Path(cfg.run_dir), env):
+            if cfg.trainer.eval_only:
+                return eval_only(cfg, env)
+            return _train(cfg, env)
     finally:
         teardown(env)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, env: DistEnv):
+    """Hold the run directory's lock (:mod:`.lifecycle.run_lock`) while the run lasts.
+
+    Rank 0 takes it; every rank learns the outcome (one broadcast) and, when another job holds
+    it, raises :class:`~syncbn.training.errors.RunDirLocked` before writing anything.
+    """
+    lock, refusal = None, None
+    if env.is_main:
+        lock = RunLock(run_dir, job_id_from_env())
+        try:
+            lock.acquire()
+        except RunDirLocked as error:
+            lock, refusal = None, str(error)
+    if env.world_size > 1:
+        outcome = [refusal]
+        dist.broadcast_object_list(outcome, src=0)
+        refusal = outcome[0]
+    if refusal is not None:
+        raise RunDirLocked(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg, env: DistEnv) -> RunResult:
     parts = build(cfg, env)
     state = RunState(reference_global_batch=parts.global_batch)
-    resume_from = checkpoint.resolve(cfg.trainer.resume, parts.run_dir)
-    if resume_from is not None:
-        state = _resume(parts, resume_from)
+    found = resume_from.choose(cfg.trainer.resume, parts.run_dir, cfg.trainer.overwrite,
+                               map_location=env.device, writer=env.is_main)  # fmt: skip
+    if found is not None:
+        state = _resume(parts, found.path, found.saved)
     total = progress.total_samples(cfg.trainer, state, len(parts.splits.train), parts.global_batch)
     if env.is_main:
         (parts.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(parts.config))
@@ -90,7 +124,7 @@ def _train(cfg, env: DistEnv) -> RunResult:
     r = Run(parts, state, StepLog(cfg.trainer.sync_every, env.device), logger, total)
     code, metrics = exit_codes.CRASHED, {}
     try:
-        with StopRequest() as stop:
+        with preemption.stop_request() as stop:
             code, val = _fit(r, stop)
         if code == exit_codes.OK:
             metrics = _finish(r, val)
@@ -106,11 +140,10 @@ def _train(cfg, env: DistEnv) -> RunResult:
     return RunResult(code, metrics, metrics.get(f"val_{parts.task.primary}"))
 
 
-def _resume(parts: Parts, path: Path) -> RunState:
-    """Load the checkpoint at ``path`` into ``parts`` under the resume policy
+def _resume(parts: Parts, path: Path, saved: dict[str, Any]) -> RunState:
+    """Load the checkpoint ``saved`` (read from ``path``) into ``parts`` under the resume policy
     (:mod:`.state.resume_policy`); the progress it holds."""
     cfg, env = parts.cfg, parts.env
-    saved = checkpoint.load(path, map_location=env.device)
     resume_policy.check(path, saved.get("config"), parts.config)
     if env.is_main:
         resume_policy.warn_if_batch_changed(
@@ -141,6 +174,9 @@ def _fit(r: Run, stop: StopRequest) -> tuple[int, dict]:
         dynamic_ncols=True,
         leave=False,
     )
+    if _stop_agreed(r, stop):  # a signal during start-up: nothing new to save
+        report.preempted_at_start(r)
+        return exit_codes.PREEMPTED, val
     while not progress.finished(trainer, state):
         started = time.perf_counter()
         code, val, epoch_done = _epoch(r, stop, bar, val)
@@ -343,6 +379,15 @@ def _sync(r: Run, stop: StopRequest) -> int | None:
     if stop_all:
         return _preempt(r)
     return None
+
+
+def _stop_agreed(r: Run, stop: StopRequest) -> bool:
+    """Whether any rank was asked to stop (one all-reduce; before the first step only, where
+    no steps' losses are pending to carry the flag)."""
+    flag = torch.tensor([float(stop.requested)], device=r.parts.env.device)
+    if r.parts.env.world_size > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item())
 
 
 def _nonfinite_step_skipped(r: Run, record: StepRecord) -> bool:

@@ -159,6 +159,19 @@ def preempted(run: Run, saved: bool) -> None:
         )
 
 
+def preempted_at_start(run: Run) -> None:
+    """A stop signal arrived during start-up: the run stops before its first step."""
+    if run.parts.env.is_main:
+        last = run.parts.ckpts.last
+        log.warning(
+            "preempted before the first step (step %d, sample %d): %s; relaunch with "
+            "trainer.resume=auto to continue",
+            run.state.step,
+            run.state.samples,
+            f"nothing new to save, {last} holds this step" if last.is_file() else "nothing to save",
+        )
+
+
 def _last_checkpoint(run: Run, none: str):
     last = run.parts.ckpts.last
     return last if last.is_file() else none

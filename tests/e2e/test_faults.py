@@ -235,7 +235,7 @@ FAKE_SLURM = {
         echo $$ > "$STEP_PID"
         while [[ $1 == --* ]]; do shift; done
         pids=()
-        for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+        for ((node = 0; node < ${NODES_UP:-$SLURM_JOB_NUM_NODES}; node++)); do
             SLURM_NODEID=$node SLURM_PROCID=$node "$@" & pids+=($!)
         done
         status=0
@@ -330,7 +330,8 @@ def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_res
     assert job.wait(timeout=120) == 0, job.output[-4000:]
     assert "job 4242 (requeued 0 times): 2 nodes x 1 ranks" in job.output
     assert "got SIGUSR1, asking the workers to checkpoint" in job.output
-    assert job.output.count("got SIGTERM: checkpointing") == 2  # both workers, via scancel
+    assert job.output.count("got SIGUSR1: checkpointing") == 2  # both workers, via scancel
+    assert job.output.count("launch: got SIGUSR1: SIGTERM to torchrun") == 2  # both launchers
     assert "is gone" not in job.output  # not the orphan fallback: the agents stayed up
     assert (tmp_path / "requeued").read_text() == "requeue 4242\n", job.output[-4000:]
     preempted = status(run_dir)
@@ -345,6 +346,19 @@ def test_the_sbatch_script_checkpoints_on_usr1_requeues_and_the_requeued_job_res
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train_loss_history"] == two_rank_run["train_loss_history"]
+
+
+def test_a_node_that_never_joins_ends_the_job_after_the_rendezvous_timeout(
+    tmp_path, rendezvous_store
+):
+    """Issue 26: with a node missing, torchrun waited silently for 600 s. train.sbatch sets
+    RDZV_TIMEOUT (torchrun's join_timeout) and says so."""
+    env = _sbatch_env(tmp_path, tmp_path / "run", rendezvous_store.port)
+    cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), *QUIET, *JOB]
+    job = Launch(cmd, env | {"NODES_UP": "1", "RDZV_TIMEOUT": "5"})
+    assert job.wait(timeout=90) != 0
+    assert "waiting up to 5 s for all nodes to join" in job.output
+    assert "RendezvousTimeoutError" in job.output, job.output[-4000:]
 
 
 def test_srun_without_torchrun_takes_ranks_from_slurm(tmp_path, two_rank_run):

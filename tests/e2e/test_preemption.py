@@ -7,11 +7,22 @@ from __future__ import annotations
 import json
 import os
 import signal
+import textwrap
 
 import pytest
 
 from syncbn.training.state import checkpoint
-from tests.support.launch import Launch, alive, children, command, reference_run, status, wait_for
+from tests.support.launch import (
+    ROOT,
+    Launch,
+    alive,
+    children,
+    command,
+    env,
+    reference_run,
+    status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +122,47 @@ def test_workers_of_a_sigkilled_agent_checkpoint_and_exit(tmp_path):
     # before the other rank's watcher looks again.
     assert "is gone: checkpointing and exiting" in output, output[-4000:]
     _assert_preempted(run_dir)
+
+
+HOLD_AT_START_UP = textwrap.dedent(
+    """
+    import os
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        import time
+        from pathlib import Path
+        import syncbn.training.loop as loop
+
+        build = loop.build
+
+        def build_when_released(cfg, env):  # start-up, before the first step
+            Path(os.environ["HOLD_DIR"], os.environ["RANK"]).touch()
+            release = Path(os.environ["HOLD_DIR"], "release")
+            while not release.exists():
+                time.sleep(0.05)
+            return build(cfg, env)
+
+        loop.build = build_when_released
+    """
+)
+
+
+def test_a_signal_during_start_up_ends_in_status_75(tmp_path):
+    """Issue 26: a SIGTERM before the training loop started killed the workers outright (-15):
+    no message, no status.json, so nothing requeued. Now the handlers are installed first thing
+    and the ranks agree on the stop before the first step."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (tmp_path / "sitecustomize.py").write_text(HOLD_AT_START_UP)
+    environment = env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", HOLD_DIR=str(hold))
+    run_dir = tmp_path / "run"
+    agent = Launch(command(run_dir, "trainer.max_steps=4", nproc=2), environment)
+    wait_for(lambda: len(list(hold.iterdir())) == 2, "both ranks in start-up", launch=agent)
+    agent.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: agent.output.count("got SIGTERM") == 2, "both ranks' handlers", 60,
+             launch=agent)  # fmt: skip
+    (hold / "release").touch()
+    agent.wait(timeout=120)
+    record = status(run_dir)
+    assert record is not None, agent.output[-4000:]
+    assert (record["exit_code"], record["step"], record["checkpoint"]) == (75, 0, None), record
+    assert "preempted before the first step" in agent.output

@@ -9,9 +9,10 @@ import logging
 
 import pytest
 
-from syncbn.function import MIXED_LAYERS_MESSAGE
+from syncbn.moments import MIXED_LAYERS_MESSAGE
 from syncbn.training import ConfigError, loop, report
 from syncbn.training.lifecycle import exit_codes
+from syncbn.training.lifecycle.run_lock import RunLock
 from syncbn.training.steplog import StepRecord
 from tests.support.config import compose_config
 
@@ -35,6 +36,23 @@ def test_a_configuration_error_replaces_a_stale_status_with_config(tmp_path, ove
     status = json.loads((tmp_path / exit_codes.STATUS).read_text())
     assert status["state"] == "config" and status["exit_code"] == exit_codes.CONFIG, status
     assert key in status["error"], status
+
+
+def test_a_configuration_error_leaves_the_status_of_a_job_training_in_the_directory(tmp_path):
+    """Another live job holds the run directory (its lock, fresh): its status.json is its own,
+    and a second launch with a bad value does not overwrite it."""
+    exit_codes.write_status(tmp_path, None, step=10)  # running
+    before = (tmp_path / exit_codes.STATUS).read_text()
+    holder = RunLock(tmp_path, job_id="another-job")
+    holder.record = {**holder.record, "host": "another-host"}  # alive as far as we can tell
+    holder._content = json.dumps(holder.record)
+    holder.acquire()
+    try:
+        with pytest.raises(ConfigError):
+            loop.run(_cfg(tmp_path, "trainer.max_steps=-1"))
+    finally:
+        holder.release()
+    assert (tmp_path / exit_codes.STATUS).read_text() == before
 
 
 def test_the_mixed_layer_message_does_not_claim_the_widths_agree():

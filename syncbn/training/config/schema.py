@@ -305,7 +305,13 @@ class TrainerConfig:
         "best.pt",
     )
     resume: str | None = key(
-        "auto: continue from run_dir/checkpoints/last.pt if present; null; or a path",
+        "auto: continue from the newest checkpoint of run_dir/checkpoints that loads (last.pt, "
+        "then step-*.pt); null: start fresh; or a path",
+    )
+    overwrite: bool = key(
+        "true: a run directory whose checkpoints are not resumed (trainer.resume=null, or none "
+        "loads) starts from scratch, moving them to checkpoints-replaced-<time>/; false: such a "
+        "launch stops with exit 78 naming them",
     )
     sync_every: int = key(
         "every N steps the ranks all-reduce and read the last N steps' losses (no host sync in "

@@ -6,6 +6,8 @@
 65    stopped on a non-finite loss (``trainer.nonfinite=stop``, or more than
       ``trainer.max_consecutive_skips`` in a row with ``skip``); the newest checkpoint is the
       last finite state
+73    the run directory is in use: another job holds its lock (``run_dir/run.lock``, named in
+      the message); nothing was written
 75    preempted (SIGTERM or SIGUSR1, or the torchrun agent died): a checkpoint of the current
       step is written; launch again with ``trainer.resume=auto`` to continue (SLURM: requeue)
 78    bad configuration: nothing ran
@@ -30,11 +32,13 @@ log = logging.getLogger(__name__)
 OK = 0
 CRASHED = 1
 NONFINITE = 65  # EX_DATAERR
+LOCKED = 73  # EX_CANTCREAT: the run directory is another job's
 PREEMPTED = 75  # EX_TEMPFAIL: try again
 CONFIG = 78  # EX_CONFIG
 
 STATUS = "status.json"
-_STATES = {OK: "finished", NONFINITE: "nonfinite", PREEMPTED: "preempted", CONFIG: "config"}
+_STATES = {OK: "finished", NONFINITE: "nonfinite", LOCKED: "locked", PREEMPTED: "preempted",
+           CONFIG: "config"}  # fmt: skip
 
 
 def write_status(run_dir: Path, exit_code: int | None, **details: Any) -> None:

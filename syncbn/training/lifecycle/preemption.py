@@ -8,13 +8,22 @@ rank's flag rides as one more value in the all-reduce of the steps' losses that 
 anyway, so the ranks agree on "someone was asked to stop" with no extra collective and no extra
 host sync. The loop then writes a checkpoint, flushes W&B and exits with 75
 (``exit_codes.PREEMPTED``). Worst case, that is ``sync_every`` steps after the signal.
+
+A signal can arrive long before the loop starts (start-up takes seconds to minutes: imports,
+data, a large resume, W&B). train.py therefore catches the signals from its first lines on
+(standard library only) and hands what it caught to :func:`install`, which makes one
+:class:`StopRequest` the process's for its whole life; the loop then agrees on a stop before its
+first step too (:func:`syncbn.training.loop._fit`), so a job signalled during start-up still
+exits 75 with a status file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +65,30 @@ class StopRequest:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+
+_installed: StopRequest | None = None
+
+
+def install(caught: Iterable[int] = ()) -> StopRequest:
+    """Make one :class:`StopRequest` catch the stop signals for the rest of this process.
+
+    ``caught``: signals already caught before (train.py's first lines), remembered as received.
+    """
+    global _installed
+    if _installed is None:
+        _installed = StopRequest().__enter__()
+    for signum in caught:
+        _installed._handle(signum, None)
+    return _installed
+
+
+@contextlib.contextmanager
+def stop_request() -> Iterator[StopRequest]:
+    """The process's :class:`StopRequest` when :func:`install` made one (left installed), else
+    a new one for the duration (library use: ``syncbn.training.run`` called from Python)."""
+    if _installed is not None:
+        yield _installed
+        return
+    with StopRequest() as stop:
+        yield stop

@@ -27,6 +27,13 @@ HIGHER_IS_BETTER = ("acc", "top5", "miou")
 _STEP = re.compile(r"^step-(\d+)\.pt$")
 
 
+def step_files(directory: Path) -> list[Path]:
+    """The ``step-*.pt`` files of ``directory``, oldest step first."""
+    found = [(int(m.group(1)), p) for p in directory.glob("step-*.pt")
+             if (m := _STEP.match(p.name))]  # fmt: skip
+    return [p for _, p in sorted(found)]
+
+
 class CheckpointManager:
     """Writes and prunes the checkpoints of one run directory.
 
@@ -88,9 +95,7 @@ class CheckpointManager:
         return target
 
     def step_files(self) -> list[Path]:
-        found = [(int(m.group(1)), p) for p in self.directory.glob("step-*.pt")
-                 if (m := _STEP.match(p.name))]  # fmt: skip
-        return [p for _, p in sorted(found)]
+        return step_files(self.directory)
 
     def _prune(self) -> None:
         for old in self.step_files()[: -self.keep_last]:
