@@ -3,26 +3,11 @@ of results (the runs themselves are train.py's, tested elsewhere; the sweep take
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from argparse import Namespace
 
-from tests.support.launch import ROOT
+from tests.support.scripts import load_experiment
 
-EXPERIMENTS = ROOT / "scripts" / "experiments"
-
-
-def _load_script(name: str):
-    """A script of scripts/experiments/ as a module (it imports its neighbours by name)."""
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses, and the neighbours' imports, look it up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_script("sweep")
-compare_seg = _load_script("compare_seg")
+compare_seg = load_experiment("compare_seg", "sweep")
 
 
 def test_the_plan_shares_references_of_equal_global_batch_and_bn_at_one_image_drops_pool_norm():

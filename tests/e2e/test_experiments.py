@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.scripts import load_experiment
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,10 +63,9 @@ def test_bn_figure1_quick(tmp_path):
     assert len(run["drift"]) == len(run["late_drift"]) == 100
 
 
-def test_bad_arguments_are_rejected_before_any_work(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "experiments"))
-    import bn_figure1
-    import gradient_flow
+def test_bad_arguments_are_rejected_before_any_work(capsys):
+    bn_figure1 = load_experiment("bn_figure1", "mlplib")
+    gradient_flow = load_experiment("gradient_flow", "mlplib")
 
     with pytest.raises(SystemExit):
         bn_figure1.parse_args(["--unit", "100"])
