@@ -10,6 +10,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from syncbn.training import data
+from syncbn.training.data import memory
 from syncbn.training.data.memory import split_indices
 from syncbn.training.data.transforms import ShiftFlip, random_resized_box, shift
 from syncbn.training.errors import ConfigError
@@ -158,3 +159,12 @@ def test_digit_scenes_label_every_pixel_by_its_digit_background_or_rim():
             assert set(y.unique().tolist()) <= {*range(11), cfg.ignore_index}
             bright, dark = x[0][(y >= 1) & (y <= 10)], x[0][y == 0]
             assert bright.min() > dark.max()  # digit pixels are brighter than any background
+
+
+def test_digits_are_read_from_scikit_learns_data_file_exactly():
+    """The loader reads the bundled file without importing scikit-learn (a second per process):
+    the same images and labels as sklearn.datasets.load_digits."""
+    images, labels = memory.load_digits()
+    reference = load_digits()
+    assert torch.equal(images, torch.tensor(reference.images, dtype=torch.float32))
+    assert torch.equal(labels, torch.tensor(reference.target, dtype=torch.long))

@@ -7,10 +7,12 @@ leaks into training.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -87,13 +89,29 @@ def _in_memory(cfg, x, y, train, val, channels: int, classes: int, seed, augment
     )  # fmt: skip
 
 
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 1797 handwritten 8x8 digits as ``(images (1797, 8, 8) float32 in
+    0..16, labels (1797,) long)``, read from the package's data file: importing scikit-learn
+    costs more than a second per process, the file a few milliseconds (``load_digits`` itself
+    when the file is not where scikit-learn 1.x keeps it)."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(folders[0], "datasets", "data", "digits.csv.gz") if folders else None
+    if path is not None and path.is_file():
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 64 pixels, then the label
+        images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    else:
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        raw = sklearn_digits()
+        images, labels = raw.images, raw.target
+    return torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)
+
+
 def digits(cfg, seed: int | None, augment: bool) -> Splits:
     """scikit-learn's bundled 1797 handwritten 8x8 digits: real data, shipped with the package."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8)
-    y = torch.tensor(raw.target, dtype=torch.long)
+    images, y = load_digits()
+    x = images.unsqueeze(1)  # (1797, 1, 8, 8)
     train, val = split_indices(len(x), cfg.val_fraction, cfg.split_seed)
     return _in_memory(cfg, x, y, train, val, 1, 10, seed, augment)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Splits, TensorSource, identity, splits
-from .memory import check_fits, normalize, split_indices
+from .memory import check_fits, load_digits, normalize, split_indices
 from .transforms import ShiftFlip
 
 BACKGROUND = 0
@@ -31,13 +31,9 @@ CLASS_NAMES = ["background", *(str(d) for d in range(10))]
 
 def digit_scenes(cfg, seed: int | None, augment: bool) -> Splits:
     """The scenes of ``cfg`` (``conf/data/digit_scenes.yaml``) as :class:`Splits`."""
-    from sklearn.datasets import load_digits
-
     scenes = cfg.num_train + cfg.num_val  # each a float32 input and a long mask per pixel
     check_fits("(data.num_train + data.num_val) x data.canvas^2", scenes * cfg.canvas**2, 4 + 8)
-    raw = load_digits()
-    images = torch.tensor(raw.images, dtype=torch.float32)  # (1797, 8, 8), values 0..16
-    labels = torch.tensor(raw.target, dtype=torch.long)
+    images, labels = load_digits()  # (1797, 8, 8), values 0..16; (1797,)
     train_ids, val_ids = split_indices(len(images), cfg.val_fraction, cfg.split_seed)
     rng = np.random.default_rng(cfg.split_seed)
     x_train, y_train = render(images[train_ids], labels[train_ids], cfg.num_train, cfg, rng)
