@@ -355,9 +355,9 @@ def test_a_node_that_never_joins_ends_the_job_after_the_rendezvous_timeout(
     RDZV_TIMEOUT (torchrun's join_timeout) and says so."""
     env = _sbatch_env(tmp_path, tmp_path / "run", rendezvous_store.port)
     cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), *QUIET, *JOB]
-    job = Launch(cmd, env | {"NODES_UP": "1", "RDZV_TIMEOUT": "5"})
+    job = Launch(cmd, env | {"NODES_UP": "1", "RDZV_TIMEOUT": "2"})
     assert job.wait(timeout=90) != 0
-    assert "waiting up to 5 s for all nodes to join" in job.output
+    assert "waiting up to 2 s for all nodes to join" in job.output
     assert "RendezvousTimeoutError" in job.output, job.output[-4000:]
 
 

@@ -96,12 +96,15 @@ class WorkerPool:
             self._workers.append((process, parent))
 
     def close(self) -> None:
-        for process, conn in self._workers:
+        """Ask every worker to exit, give them 2 s together, then kill the ones still there."""
+        for _, conn in self._workers:
             try:
                 conn.send_bytes(pickle.dumps(None))
             except (BrokenPipeError, OSError):
                 pass
-            process.join(timeout=2)
+        deadline = time.monotonic() + 2
+        for process, _ in self._workers:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()
