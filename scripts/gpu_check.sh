@@ -73,7 +73,7 @@ else:
         print(f"ResNet-50 step ({s['batch']} images, {s['precision']}) {s['norm']}: "
               f"eager {s['eager_ms']:.1f} ms ({s['eager_ms'] / cudnn:.2f}x cuDNN, "
               f"{s['eager_ms'] / torch_sbn:.2f}x torch SyncBN), CUDA graph {g}, "
-              f"compiled {s.get('compiled_ms')}")
+              f"compiled {s.get('compiled_ms')} (Triton custom ops: {s.get('compiled_triton_ms')})")
 EOF
 echo "tests exit $tests_rc, benchmark exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -39,7 +39,7 @@ def forward(
         x, buffer, shift, weight, bias, running_mean, running_var, batches, momentum, eps,
         spec.world_size * spec.signature, spec.signature, spec.activation,
     )  # fmt: skip
-    if not x.is_cuda:  # a host read is free: fail here, as the CPU path does
+    if not x.is_cuda and not torch.compiler.is_compiling():  # a free host read: fail here
         sbkernels.raise_device_errors(x.device)
     ctx.set_materialize_grads(False)
     ctx.kernels = kernels
@@ -47,6 +47,8 @@ def forward(
     ctx.save_for_backward(x, weight, bias, mean, invstd, buffer)
     total = buffer[2 * channels]
     mean = mean[0]  # (2, C): the float32 mean and its remainder, kept for backward
+    if torch.compiler.is_compiling():  # a graph may not return views of what it saves
+        mean, total = mean.clone(), total.clone()
     ctx.mark_non_differentiable(mean, invstd, total)
     return output, mean, invstd, total
 

@@ -283,19 +283,30 @@ def training_steps(args, device, timer) -> list[dict] | str:
             row["graphed_ms"] = graphed(step, timer) if device.type == "cuda" else None
             if args.compile_model and norm in ("cudnn_bn", "syncbn", "torch_syncbn"):
                 row["compiled_ms"] = compiled_model_step(model, optimizer, x, target, amp, timer)
+            if args.compile_model and norm == "syncbn":  # the Triton kernels as custom ops
+                os.environ["SYNCBN_COMPILE_KERNELS"] = "triton"
+                torch._dynamo.reset()
+                try:
+                    row["compiled_triton_ms"] = compiled_model_step(
+                        model, optimizer, x, target, amp, timer
+                    )
+                finally:
+                    os.environ.pop("SYNCBN_COMPILE_KERNELS", None)
+                    torch._dynamo.reset()
             rows.append(row)
             graph = row["graphed_ms"]  # None on CPU, a message when capture failed
             print(
                 f"| {precision} | {norm} | {row['eager_ms']:.2f} | "
                 f"{f'{graph:.2f}' if isinstance(graph, float) else graph} "
-                f"| {row.get('compiled_ms')} |",
+                f"| {row.get('compiled_ms')} | {row.get('compiled_triton_ms')} |",
                 flush=True,
             )
     return rows
 
 
 def compiled_model_step(model, optimizer, x, target, amp, timer) -> float | str:
-    """The step with ``torch.compile(model)`` (syncbn's portable ops, fused by inductor)."""
+    """The step with ``torch.compile(model)``: syncbn's portable ops, fused by inductor, or with
+    ``SYNCBN_COMPILE_KERNELS=triton`` its Triton kernels as custom ops."""
     try:
         compiled = torch.compile(model)
 

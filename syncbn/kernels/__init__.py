@@ -150,16 +150,40 @@ def raise_device_errors(device: torch.device | None = None) -> None:
         check(device)
 
 
+_COMPILED_TRITON: list = []
+
+
+def _compiled_kernels_for(x: Tensor):
+    """Under ``torch.compile``: the portable ops (inductor fuses them), or with
+    ``SYNCBN_COMPILE_KERNELS=triton`` the Triton kernels as custom ops
+    (:mod:`syncbn.kernels.triton_ops`) where they cover ``x``."""
+    value = os.environ.get("SYNCBN_COMPILE_KERNELS", "").strip().lower()
+    if value in ("", "portable"):
+        return PORTABLE
+    if value != "triton":
+        raise ValueError(
+            f"SYNCBN_COMPILE_KERNELS expected triton or portable (got {value!r}); unset it for "
+            f"the portable ops, which inductor fuses"
+        )
+    if not _COMPILED_TRITON:
+        from .triton_ops import CompiledTritonKernels
+
+        _COMPILED_TRITON.append(CompiledTritonKernels())
+    compiled = _COMPILED_TRITON[0]
+    return compiled if compiled.covers(x) else PORTABLE
+
+
 def kernels_for(x: Tensor):
     """The kernel set for ``x``.
 
-    Under ``torch.compile``: portable (inductor fuses it). Else ``SYNCBN_KERNELS`` when set, and
+    Under ``torch.compile``: portable (inductor fuses it), or the Triton custom ops with
+    ``SYNCBN_COMPILE_KERNELS=triton``. Else ``SYNCBN_KERNELS`` when set, and
     by default: Triton on CUDA (float32/16/bf16, any dense layout) where ``triton`` imports,
     PyTorch's fused CUDA kernels for the rest of CUDA, portable on CPU. A set that does not cover
     an input (Triton and float64) falls back to the default for its device.
     """
     if torch.compiler.is_compiling():
-        return PORTABLE
+        return _compiled_kernels_for(x)
     requested = requested_kernels()
     if requested == "portable":
         return PORTABLE

@@ -287,3 +287,64 @@ def test_fused_activation_matches_batchnorm_then_the_activation(
     for r in ranks:
         assert_close(r["running"][0].double(), bn.running_mean, rtol=1e-6, atol=1e-6)
         assert_close(r["running"][1].double(), bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+def _compiled_with_triton_ops() -> dict:
+    """A small CNN under torch.compile(fullgraph=True) with SYNCBN_COMPILE_KERNELS=triton, two
+    training steps, against the same model in eager mode on the Triton kernels."""
+    import os
+
+    from syncbn.kernels import triton_ops
+
+    os.environ["SYNCBN_COMPILE_KERNELS"] = "triton"
+    calls = []
+    moments = triton_ops._SET.pack_moments
+    triton_ops._SET.pack_moments = lambda *args: calls.append(1) or moments(*args)
+    try:
+        torch._dynamo.reset()
+
+        def model():
+            torch.manual_seed(0)
+            return nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1), syncbn.SyncBatchNorm(8), nn.ReLU(),
+                nn.Conv2d(8, 4, 1), syncbn.SyncBatchNorm(4, momentum=None),
+            )  # fmt: skip
+
+        eager, compiled_module = model(), model()
+        # aot_eager: dynamo and AOTAutograd trace the custom ops, without inductor's code
+        # generation (tens of seconds on this CPU; test_compile.py covers inductor)
+        compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+        records = []
+        for step in range(2):
+            x = torch.randn(
+                3 + dist.get_rank(), 3, 5, 5, generator=torch.Generator().manual_seed(step)
+            )
+            pair = []
+            for net in (eager, compiled):
+                xi = x.clone().requires_grad_()
+                with cuda_standin.path("triton"):
+                    y = net(xi)
+                    y.square().sum().backward()
+                pair.append([y.detach(), xi.grad])
+            records.append(pair)
+        state = [
+            [t.clone() for t in (*m.parameters(), *m.buffers())] for m in (eager, compiled_module)
+        ]
+        grads = [[p.grad for p in m.parameters()] for m in (eager, compiled_module)]
+        return {"records": records, "state": state, "grads": grads, "custom_op_calls": len(calls)}
+    finally:
+        triton_ops._SET.pack_moments = moments
+        os.environ.pop("SYNCBN_COMPILE_KERNELS", None)
+
+
+@pytest.mark.slow
+def test_compiled_model_can_call_the_triton_kernels_as_custom_ops(run_ranks):
+    """SYNCBN_COMPILE_KERNELS=triton: the compiled graph calls the Triton kernels (custom ops, no
+    graph break) and trains as eager mode does: outputs, input and parameter gradients, running
+    statistics on 2 gloo ranks of different batch sizes."""
+    for result in run_ranks(_compiled_with_triton_ops, 2, timeout=300):
+        assert result["custom_op_calls"] >= 4, result["custom_op_calls"]  # 2 layers x 2 steps
+        for eager, compiled in result["records"]:
+            assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+        assert_close(result["state"][1], result["state"][0], rtol=1e-4, atol=1e-5)
+        assert_close(result["grads"][1], result["grads"][0], rtol=1e-4, atol=1e-4)
