@@ -32,7 +32,7 @@ def forward(
     if spec.debug and not torch.compiler.is_compiling():
         sbdebug.check_same_call(spec.layer_name, channels, x.dtype, "forward", spec.group, x.device)
     buffer = reduce_for_layer(buffer, spec.group, spec.layer_name, "forward")
-    if spec.check_finite:  # before any update
+    if spec.check_finite and not torch.compiler.is_compiling():  # before any update
         q, p = buffer[: 2 * channels].view(2, channels)
         sbdebug.check_finite_statistics(spec.layer_name, p, q, x)
     output, mean, invstd = kernels.normalize_with_global_statistics(
