@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..moments import MIXED_LAYERS_MESSAGE, ONE_VALUE_MESSAGE
 from . import triton_kernels as tk
 
 __all__ = ["TritonKernels", "device_error_word", "raise_device_errors"]
@@ -165,8 +166,6 @@ def device_error_word(device: torch.device) -> Tensor:
 def raise_device_errors(device: torch.device | None = None) -> None:
     """Raise the error of the first failed device-side check since the last call, naming the
     layer, and clear it (a host read of one word per device that ran the Triton kernels)."""
-    from ..moments import MIXED_LAYERS_MESSAGE, ONE_VALUE_MESSAGE
-
     devices = [device] if device is not None else list(_ERRORS)
     for dev in devices:
         word = _ERRORS.get(dev)
