@@ -16,6 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import syncbn
+from tests.support.snippets import GPU_MACHINE_PAGES, run, skip_unless_importable, snippets
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,3 +78,11 @@ def test_timm_batchnorm_act_models_convert_keeping_the_activation():
     reverted = syncbn.revert_sync_batchnorm(ours)
     assert _count(reverted, BatchNormAct2d) == norm_act
     assert _count(reverted, syncbn.SyncBatchNorm) == 0
+
+
+@pytest.mark.parametrize("page", GPU_MACHINE_PAGES)
+def test_the_vision_page_snippets_run(page):
+    """docs/integrations/vision.md's examples, run as written."""
+    code = snippets(page)
+    skip_unless_importable(code)
+    run(code)
