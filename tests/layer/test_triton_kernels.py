@@ -201,6 +201,29 @@ def test_a_bad_kernel_choice_is_an_error_naming_the_variable(monkeypatch):
         sbkernels.kernels_for(torch.zeros(2, 3))
 
 
+def test_a_bad_compile_kernel_choice_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("SYNCBN_COMPILE_KERNELS", "inductor")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match=r"SYNCBN_COMPILE_KERNELS expected triton or portable"):
+        sbkernels.kernels_for(torch.zeros(2, 3))
+    monkeypatch.setenv("SYNCBN_COMPILE_KERNELS", "portable")
+    assert sbkernels.kernels_for(torch.zeros(2, 3)) is sbkernels.PORTABLE
+
+
+def test_momentum_none_without_a_counter_is_refused_before_any_launch():
+    """The cumulative average weighs by num_batches_tracked: without it there is nothing to weigh
+    by, and the kernel must not read a stand-in pointer."""
+    triton_set = sbkernels.triton_kernel_set(required=True)
+    x = torch.randn(4, 3)
+    buffer, shift = triton_set.pack_moments(x, None, None, 1, "layer")
+    running = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="expected num_batches_tracked with momentum=None"):
+        triton_set.normalize_with_global_statistics(
+            x, buffer, shift, None, None, *running, None, None, 1e-5, 1, 1
+        )
+    assert torch.equal(running[0], torch.zeros(3)) and torch.equal(running[1], torch.ones(3))
+
+
 def _nvidia_backend() -> bool:
     return importlib.util.find_spec("triton.backends.nvidia") is not None
 
