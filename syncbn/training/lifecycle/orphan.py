@@ -57,3 +57,17 @@ def _watch(parent: int, grace_s: float, poll_s: float) -> None:
     log.error("still running %.0f s after the launcher died: exiting hard", grace_s)
     logging.shutdown()
     os._exit(ORPHANED)
+
+
+def process_alive(pid) -> bool:
+    """Whether a process of this id runs on this host (another user's counts); a missing or
+    non-positive id (from an unreadable record) is not one."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

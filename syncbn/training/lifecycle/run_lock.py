@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from ..errors import RunDirLocked
+from .orphan import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class RunLock:
         holder = _parse(content)
         if self.job_id and holder.get("job_id") == self.job_id:
             return f"it is the same job ({self.job_id}), relaunched"
-        if holder.get("host") == self.record["host"] and not _alive(holder.get("pid")):
+        if holder.get("host") == self.record["host"] and not process_alive(holder.get("pid")):
             return f"pid {holder.get('pid')} is gone"
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s (stale after {self.stale_s:.0f} s)"
@@ -200,15 +201,3 @@ def _describe(content: str | None) -> str:
         return "an unknown holder (an unreadable lock file)"
     job = f" (job {holder['job_id']})" if holder.get("job_id") else ""
     return f"{holder.get('host')} pid {holder.get('pid')}{job}"
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..lifecycle.orphan import process_alive
 
 LAST = "last.pt"
 REQUIRED = ("model", "optimizer", "epoch", "step")
@@ -91,7 +92,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     host = _host()
     for path in directory.glob(".*.tmp"):
         owner = _owner(path.name)
-        if owner is None or owner[0] != host or _alive(owner[1]):
+        if owner is None or owner[0] != host or process_alive(owner[1]):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
@@ -168,16 +169,6 @@ def _owner(name: str) -> tuple[str, int] | None:
     if len(parts) < 6 or not parts[-3].isdigit():
         return None
     return parts[-4], int(parts[-3])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _fsync_dir(directory: Path) -> None:
