@@ -45,14 +45,13 @@ from . import in_kernels, stepwise
 from . import kernels as sbkernels
 from .kernels import autocast_off
 from .moments import MIXED_LAYERS_MESSAGE, ONE_VALUE_MESSAGE, layer_signature
-from .stepwise import advance_num_batches, reads_totals_on_host
+from .stepwise import reads_totals_on_host  # public here since before the split
 
 __all__ = [
     "MIXED_LAYERS_MESSAGE",
     "ONE_VALUE_MESSAGE",
     "SyncBatchNormFunction",
     "SyncSpec",
-    "advance_num_batches",
     "fuses_activation",
     "reads_totals_on_host",
     "sync_batch_norm",
